@@ -1,0 +1,19 @@
+"""micronet-jax: quantization-aware training, PTQ and integer inference for JAX/Flax."""
+
+from micronet_jax.layers import QuantConv, QuantConvTranspose, QuantDense
+from micronet_jax.observers import MinMax, MovingAverageMinMax, RangeState
+from micronet_jax.quantizers import (
+    AffineActivation,
+    AffineWeight,
+    DoReFaActivation,
+    DoReFaWeight,
+    affine_fake_quant,
+    affine_qparams,
+    dorefa_activation,
+    dorefa_weight,
+)
+from micronet_jax.rules import QuantRule, dorefa_rules, iao_rules, preset
+from micronet_jax.ste import clipped_round_ste, round_half_away, round_ste, sign_ste
+from micronet_jax.transform import QuantizedModel, quantize_model, quantize_variables, summary
+
+__version__ = "0.1.0"

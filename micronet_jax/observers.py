@@ -1,0 +1,110 @@
+"""Range observers: pure trackers of a tensor's min and max over a small state pytree.
+
+An observer is a frozen spec with two pure functions:
+
+* ``init(shape) -> RangeState``: an empty state (``initialized`` is False);
+* ``update(state, x, axes) -> RangeState``: the state after seeing ``x``, reduced over
+  ``axes`` (so the state has the shape of ``x`` with ``axes`` removed).
+
+Layers keep the state in the ``quant_stats`` collection and call ``update`` only when
+that collection is mutable (training or calibration), so evaluation never moves a range.
+The ``initialized`` flag is part of the state and therefore of every checkpoint: unlike
+micronet, a resumed run does not re-initialise its ranges on the first batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+Array = jax.Array
+
+
+@struct.dataclass
+class RangeState:
+  """Observed range. ``min``/``max`` have the reduced shape; ``initialized`` is a bool scalar."""
+
+  min: Array
+  max: Array
+  initialized: Array
+
+
+def empty_range(shape: Sequence[int] = ()) -> RangeState:
+  return RangeState(
+      min=jnp.zeros(shape, jnp.float32),
+      max=jnp.zeros(shape, jnp.float32),
+      initialized=jnp.zeros((), jnp.bool_),
+  )
+
+
+class Observer(Protocol):
+
+  def init(self, shape: Sequence[int] = ()) -> RangeState:
+    ...
+
+  def update(self, state: RangeState, x: Array, axes: Sequence[int] | None) -> RangeState:
+    ...
+
+
+def batch_range(x: Array, axes: Sequence[int] | None) -> tuple[Array, Array]:
+  """(min, max) of ``x`` over ``axes`` (None: all axes), in float32, without gradient."""
+  x = jax.lax.stop_gradient(x).astype(jnp.float32)
+  return jnp.min(x, axis=axes), jnp.max(x, axis=axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class MinMax:
+  """Running extremes: the first batch sets the range, later batches only widen it."""
+
+  def init(self, shape: Sequence[int] = ()) -> RangeState:
+    return empty_range(shape)
+
+  def update(self, state: RangeState, x: Array, axes: Sequence[int] | None) -> RangeState:
+    lo, hi = batch_range(x, axes)
+    first = ~state.initialized
+    return RangeState(
+        min=jnp.where(first, lo, jnp.minimum(state.min, lo)),
+        max=jnp.where(first, hi, jnp.maximum(state.max, hi)),
+        initialized=jnp.ones((), jnp.bool_),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class MovingAverageMinMax:
+  """Exponential moving average of the batch min and max: v <- (1 - m) v + m cur.
+
+  The first batch initialises the average (micronet's behaviour, momentum 0.1).
+  """
+
+  momentum: float = 0.1
+
+  def __post_init__(self):
+    if not 0.0 < self.momentum <= 1.0:
+      raise ValueError(f"MovingAverageMinMax.momentum must be in (0, 1], got {self.momentum}")
+
+  def init(self, shape: Sequence[int] = ()) -> RangeState:
+    return empty_range(shape)
+
+  def update(self, state: RangeState, x: Array, axes: Sequence[int] | None) -> RangeState:
+    lo, hi = batch_range(x, axes)
+    m = self.momentum
+    first = ~state.initialized
+    return RangeState(
+        min=jnp.where(first, lo, (1.0 - m) * state.min + m * lo),
+        max=jnp.where(first, hi, (1.0 - m) * state.max + m * hi),
+        initialized=jnp.ones((), jnp.bool_),
+    )
+
+
+def current_or_observed(state: RangeState, x: Array, axes: Sequence[int] | None) -> tuple[Array, Array]:
+  """The observed range, or the range of ``x`` itself while nothing has been observed.
+
+  An observer that has never seen a training batch (a freshly initialised model in eval
+  mode) quantizes with the batch's own range rather than with the empty [0, 0] range.
+  """
+  lo, hi = batch_range(x, axes)
+  return (jnp.where(state.initialized, state.min, lo), jnp.where(state.initialized, state.max, hi))

@@ -1,0 +1,268 @@
+"""Quantizer specs (frozen dataclasses) and the pure fake-quant functions behind them.
+
+Two families of spec, one interface each:
+
+* weight quantizers are stateless: ``spec.fake_quant(w, channel_axis) -> w_q``. Their
+  ranges come from the weight tensor itself on every call (exact, nothing to keep in
+  sync, and the integer converter recomputes the same numbers from the same weights);
+* activation quantizers carry observer state: ``spec.init_state(x) -> state`` and
+  ``spec.fake_quant(x, state, update=...) -> (x_q, new_state)``; ``state`` is None
+  for the stateless ones (DoReFa).
+
+All arithmetic is float32 in micronet's order of operations (divide by the step, round
+half away from zero, multiply back), so results are bit-identical to micronet where the
+formulas are the same. Where they differ on purpose it is said in the docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from micronet_jax import observers as obs
+from micronet_jax.ste import clip_inclusive, clipped_round_ste, round_half_away, round_ste
+
+Array = jax.Array
+
+MIN_BITS, MAX_BITS = 2, 16
+# float32 machine epsilon: the smallest step an affine quantizer may have (as micronet).
+EPS = float(np.finfo(np.float32).eps)
+
+
+def check_bits(owner: str, bits: Any) -> None:
+  if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
+    raise ValueError(f"{owner}.bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+
+
+def reduce_axes(ndim: int, channel_axis: int | None) -> tuple[int, ...] | None:
+  """Axes to reduce for per-tensor (channel_axis None -> all) or per-channel statistics."""
+  if channel_axis is None:
+    return None
+  channel_axis %= ndim
+  return tuple(a for a in range(ndim) if a != channel_axis)
+
+
+def _keepdims(v: Array, ndim: int, channel_axis: int | None) -> Array:
+  """Reshape a per-channel vector so it broadcasts against the tensor it came from."""
+  if channel_axis is None:
+    return v
+  shape = [1] * ndim
+  shape[channel_axis % ndim] = -1
+  return jnp.reshape(v, shape)
+
+
+class WeightQuantizer(Protocol):
+  bits: int
+
+  def fake_quant(self, w: Array, channel_axis: int) -> Array:
+    ...
+
+
+class ActivationQuantizer(Protocol):
+  bits: int
+
+  def init_state(self, x: Array) -> Any:
+    ...
+
+  def fake_quant(self, x: Array, state: Any, *, update: bool) -> tuple[Array, Any]:
+    ...
+
+
+# ----------------------------------------------------------------------------- DoReFa
+
+
+def dorefa_step(bits: int) -> np.float32:
+  """s = 1 / (2^k - 1), rounded to float32 once, as micronet's Python scalar becomes."""
+  return np.float32(1.0 / (2**bits - 1))
+
+
+def dorefa_weight(w: Array, bits: int) -> Array:
+  """DoReFa weights: t = tanh(w); n = t / (2 max|t|) + 1/2; q = 2 r(n / s) s - 1.
+
+  Per-tensor, values on the grid {2 i s - 1 : i = 0..2^k-1} within [-1, 1]. Gradients
+  flow through tanh and through max|t| (into its argmax), with an identity STE on the
+  rounding, exactly as micronet's autograd does.
+  """
+  s = dorefa_step(bits)
+  t = jnp.tanh(w)
+  n = t / 2 / jnp.max(jnp.abs(t)) + 0.5
+  return 2 * (round_ste(n / s) * s) - 1
+
+
+def dorefa_activation(x: Array, bits: int, input_scale: float = 0.1) -> Array:
+  """DoReFa activations: y = clamp(input_scale * x, 0, 1); q = r(y / s) s.
+
+  The output lives in [0, 1], i.e. ``input_scale`` times the float activation: like
+  micronet we do not scale it back. Gradient: ``input_scale * [0 <= input_scale x <= 1]``.
+  """
+  s = dorefa_step(bits)
+  y = clip_inclusive(x * np.float32(input_scale), 0.0, 1.0)
+  return round_ste(y / s) * s
+
+
+@dataclasses.dataclass(frozen=True)
+class DoReFaWeight:
+  """k-bit DoReFa weight quantizer (per tensor, stateless)."""
+
+  bits: int = 8
+
+  def __post_init__(self):
+    check_bits("DoReFaWeight", self.bits)
+
+  def fake_quant(self, w: Array, channel_axis: int = -1) -> Array:
+    del channel_axis  # DoReFa normalises by the max over the whole tensor.
+    return dorefa_weight(w, self.bits)
+
+
+@dataclasses.dataclass(frozen=True)
+class DoReFaActivation:
+  """k-bit DoReFa activation quantizer: clamp(input_scale * x, 0, 1), then k bits."""
+
+  bits: int = 8
+  input_scale: float = 0.1
+
+  def __post_init__(self):
+    check_bits("DoReFaActivation", self.bits)
+    if not self.input_scale > 0:
+      raise ValueError(f"DoReFaActivation.input_scale must be > 0, got {self.input_scale}")
+
+  def init_state(self, x: Array) -> None:
+    return None
+
+  def fake_quant(self, x: Array, state: None, *, update: bool) -> tuple[Array, None]:
+    del update
+    return dorefa_activation(x, self.bits, self.input_scale), state
+
+
+# ----------------------------------------------------------------------------- affine (IAO)
+
+
+def affine_int_range(bits: int, symmetric: bool, narrow: bool = False) -> tuple[int, int]:
+  """Integer grid [qmin, qmax].
+
+  symmetric: signed, [-2^(b-1), 2^(b-1) - 1], or [-(2^(b-1) - 1), 2^(b-1) - 1] when
+  ``narrow`` (weights, so that -w quantizes to -q). asymmetric: unsigned [0, 2^b - 1].
+  """
+  if symmetric:
+    half = 2 ** (bits - 1)
+    return (-(half - 1) if narrow else -half), half - 1
+  return 0, 2**bits - 1
+
+
+def affine_qparams(
+    lo: Array, hi: Array, qmin: int, qmax: int, symmetric: bool
+) -> tuple[Array, Array]:
+  """(scale, zero_point) for the real range [lo, hi] on the integer grid [qmin, qmax].
+
+  symmetric:  scale = max(|lo|, |hi|) / qmax, zero_point = 0.
+  asymmetric: the range is first widened to contain 0, then
+              scale = (hi - lo) / (qmax - qmin), zero_point = clip(qmin - r(lo / scale)),
+              so that real 0 is exactly the integer zero_point.
+  The scale is at least float32 eps. Both are float32 arrays of the shape of lo/hi and
+  carry no gradient.
+  """
+  lo = jax.lax.stop_gradient(jnp.asarray(lo, jnp.float32))
+  hi = jax.lax.stop_gradient(jnp.asarray(hi, jnp.float32))
+  if symmetric:
+    scale = jnp.maximum(jnp.maximum(jnp.abs(lo), jnp.abs(hi)) / np.float32(qmax), EPS)
+    return scale, jnp.zeros_like(scale)
+  lo = jnp.minimum(lo, 0.0)
+  hi = jnp.maximum(hi, 0.0)
+  scale = jnp.maximum((hi - lo) / np.float32(qmax - qmin), EPS)
+  zero_point = jnp.clip(qmin - round_half_away(lo / scale), qmin, qmax)
+  return scale, zero_point
+
+
+def affine_fake_quant(x: Array, scale: Array, zero_point: Array, qmin: int, qmax: int) -> Array:
+  """x_q = (clip(r(x / scale) + zp, qmin, qmax) - zp) * scale.
+
+  The integer ``r(x / scale) + zp`` is what the deploy path stores; rounding happens
+  before the zero point is added, as in gemmlowp/TFLite. Gradient (clipped STE): 1 where
+  qmin <= x / scale + zp <= qmax, 0 elsewhere; none into scale or zero point.
+  """
+  return clipped_round_ste(x / scale, qmin - zero_point, qmax - zero_point) * scale
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineWeight:
+  """Affine (IAO) weight quantizer; ranges from the current weights (no state).
+
+  Defaults are the usual int8 deploy choice: symmetric, narrow range
+  [-(2^(b-1)-1), 2^(b-1)-1], one scale per output channel (the last kernel axis).
+  """
+
+  bits: int = 8
+  symmetric: bool = True
+  per_channel: bool = True
+
+  def __post_init__(self):
+    check_bits("AffineWeight", self.bits)
+
+  def int_range(self) -> tuple[int, int]:
+    return affine_int_range(self.bits, self.symmetric, narrow=True)
+
+  def qparams(self, w: Array, channel_axis: int = -1) -> tuple[Array, Array]:
+    """(scale, zero_point), shaped to broadcast against ``w``."""
+    axis = channel_axis if self.per_channel else None
+    lo, hi = obs.batch_range(w, reduce_axes(w.ndim, axis))
+    qmin, qmax = self.int_range()
+    scale, zp = affine_qparams(lo, hi, qmin, qmax, self.symmetric)
+    return _keepdims(scale, w.ndim, axis), _keepdims(zp, w.ndim, axis)
+
+  def fake_quant(self, w: Array, channel_axis: int = -1) -> Array:
+    scale, zp = self.qparams(w, channel_axis)
+    return affine_fake_quant(w, scale, zp, *self.int_range())
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineActivation:
+  """Affine (IAO) activation quantizer, per tensor, with an observer in ``quant_stats``.
+
+  Default: asymmetric unsigned [0, 2^b - 1] (what int8 deploy formats use for
+  activations) with a moving-average min/max observer of momentum 0.1 (micronet's).
+  With ``update=True`` the observer sees the batch first and the batch is quantized
+  with the updated range (micronet's order); with ``update=False`` the stored range is
+  used, or the batch's own range if the observer has seen nothing yet.
+  """
+
+  bits: int = 8
+  symmetric: bool = False
+  observer: obs.Observer = obs.MovingAverageMinMax()
+
+  def __post_init__(self):
+    check_bits("AffineActivation", self.bits)
+
+  def int_range(self) -> tuple[int, int]:
+    return affine_int_range(self.bits, self.symmetric, narrow=False)
+
+  def init_state(self, x: Array) -> obs.RangeState:
+    return self.observer.init(())
+
+  def qparams(self, state: obs.RangeState, x: Array | None = None) -> tuple[Array, Array]:
+    if x is None:
+      lo, hi = state.min, state.max
+    else:
+      lo, hi = obs.current_or_observed(state, x, None)
+    qmin, qmax = self.int_range()
+    return affine_qparams(lo, hi, qmin, qmax, self.symmetric)
+
+  def fake_quant(self, x: Array, state: obs.RangeState, *, update: bool) -> tuple[Array, obs.RangeState]:
+    if update:
+      state = self.observer.update(state, x, None)
+    scale, zp = self.qparams(state, x)
+    return affine_fake_quant(x, scale, zp, *self.int_range()), state
+
+
+def describe(q: Any) -> str:
+  """Short human-readable name of a quantizer spec, for tables ('-' for None)."""
+  if q is None:
+    return "-"
+  fields = {f.name: getattr(q, f.name) for f in dataclasses.fields(q) if f.name != "bits"}
+  extra = ",".join(
+      f"{k}={type(v).__name__ if dataclasses.is_dataclass(v) else v}" for k, v in fields.items()
+  )
+  return f"{type(q).__name__}({extra})" if extra else type(q).__name__

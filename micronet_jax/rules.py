@@ -1,0 +1,123 @@
+"""Quantization rules: which layer gets which quantizers, as plain data.
+
+A rule matches a layer by the regex ``pattern`` (``re.fullmatch`` on the module path,
+e.g. ``"Conv_0"`` or ``"encoder/layers_2/Dense_0"``), by its kind (``"dense"``,
+``"conv"``, ``"conv_transpose"``) and optionally by its ``index`` among the layers of
+those kinds in call order (0 is the first, -1 the last). The first rule that matches a
+layer decides it; a rule with ``weight=None`` and ``act=None`` keeps the layer float,
+and a layer no rule matches stays float too. Rules that match nothing are reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Sequence
+
+from micronet_jax import observers as obs
+from micronet_jax import quantizers as qz
+
+KINDS = ("dense", "conv", "conv_transpose")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRule:
+  """One rule. ``weight``/``act`` are quantizer specs (see ``quantizers``) or None."""
+
+  pattern: str = ".*"
+  weight: Any = None
+  act: Any = None
+  kinds: tuple[str, ...] = KINDS
+  index: int | None = None
+
+  def __post_init__(self):
+    try:
+      re.compile(self.pattern)
+    except re.error as e:
+      raise ValueError(f"QuantRule.pattern {self.pattern!r} is not a valid regex: {e}") from None
+    kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
+    object.__setattr__(self, "kinds", kinds)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+      raise ValueError(f"QuantRule.kinds must be a non-empty subset of {KINDS}, got {self.kinds!r}")
+    if self.index is not None and not isinstance(self.index, int):
+      raise ValueError(f"QuantRule.index must be an int or None, got {self.index!r}")
+    for name in ("weight", "act"):
+      q = getattr(self, name)
+      if q is not None and not hasattr(q, "fake_quant"):
+        raise ValueError(f"QuantRule.{name} must be a quantizer spec or None, got {q!r}")
+
+  @property
+  def keeps_float(self) -> bool:
+    return self.weight is None and self.act is None
+
+  def matches(self, path: str, kind: str, position: int | None, count: int | None) -> bool:
+    """Whether this rule applies to the layer at ``path``.
+
+    ``position`` is the layer's index among the layers of ``self.kinds`` in call order
+    and ``count`` their total (needed only for a negative ``index``).
+    """
+    if kind not in self.kinds or re.fullmatch(self.pattern, path) is None:
+      return False
+    if self.index is None:
+      return True
+    if self.index >= 0:
+      return position == self.index
+    return count is not None and position is not None and position - count == self.index
+
+
+def first_match(rules: Sequence[QuantRule], path: str, kind: str, positions: dict, counts: dict) -> int | None:
+  """Index of the first rule in ``rules`` that matches the layer, or None."""
+  for i, rule in enumerate(rules):
+    if rule.matches(path, kind, positions.get(rule.kinds), counts.get(rule.kinds)):
+      return i
+  return None
+
+
+def _bits_or_float(bits: int, make):
+  """micronet's convention: 32 bits means "keep float" for that part of the layer."""
+  return None if bits == 32 else make(bits)
+
+
+def dorefa_rules(w_bits: int = 8, a_bits: int = 8, input_scale: float = 0.1) -> tuple[QuantRule, ...]:
+  """micronet's DoReFa placement: the first conv/dense layer stays float (weights and
+  input), every later one, the classifier included, quantizes its weights and input."""
+  return (
+      QuantRule(index=0),
+      QuantRule(
+          weight=_bits_or_float(w_bits, qz.DoReFaWeight),
+          act=_bits_or_float(a_bits, lambda b: qz.DoReFaActivation(b, input_scale)),
+      ),
+  )
+
+
+def iao_rules(
+    w_bits: int = 8,
+    a_bits: int = 8,
+    *,
+    per_channel: bool = True,
+    weight_symmetric: bool = True,
+    act_symmetric: bool = False,
+    observer: obs.Observer = obs.MovingAverageMinMax(),
+) -> tuple[QuantRule, ...]:
+  """micronet's IAO placement: every conv/dense layer ("full quantization"), the image
+  input of the first layer included. Weights symmetric per output channel, activations
+  asymmetric per tensor with a moving-average observer by default."""
+  return (
+      QuantRule(
+          weight=_bits_or_float(w_bits, lambda b: qz.AffineWeight(b, weight_symmetric, per_channel)),
+          act=_bits_or_float(a_bits, lambda b: qz.AffineActivation(b, act_symmetric, observer)),
+      ),
+  )
+
+
+PRESETS = {"dorefa": dorefa_rules, "iao": iao_rules}
+
+
+def preset(name: str, w_bits: int = 8, a_bits: int = 8) -> tuple[QuantRule, ...]:
+  """Rules of a named preset (``"dorefa"``, ``"iao"``; ``"float"`` gives no rules)."""
+  if name == "float":
+    return ()
+  if name not in PRESETS:
+    raise ValueError(f"unknown quantization method {name!r}; choose one of {['float', *PRESETS]}")
+  return PRESETS[name](w_bits, a_bits)

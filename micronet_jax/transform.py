@@ -1,0 +1,229 @@
+"""Turn an unmodified Flax Linen model into a quantized one, and float variables into
+QAT variables.
+
+``quantize_model(model, rules)`` returns a ``QuantizedModel`` with ``init``/``apply``
+like any Linen module. While it runs, ``nn.intercept_methods`` intercepts the
+``__call__`` of every ``nn.Dense``, ``nn.Conv`` and ``nn.ConvTranspose``, wherever it is
+nested (compact or setup submodules, lists of layers, ``nn.Sequential``, shared layers).
+For a layer a rule quantizes, the interceptor runs ``QuantDense``/``QuantConv``/
+``QuantConvTranspose`` with the same fields, bound to the *same scope*, so parameters
+keep their paths and names and only the ``quant_stats`` collection is added. Nothing in
+JAX or Flax is patched; outside ``init``/``apply`` the model is untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from micronet_jax import quantizers as qz
+from micronet_jax.layers import LAYER_KIND, QUANTIZED_COUNTERPART, QuantConv, QuantConvTranspose, QuantDense
+from micronet_jax.rules import QuantRule, first_match
+
+_HAND_WRITTEN = {QuantDense: "dense", QuantConv: "conv", QuantConvTranspose: "conv_transpose"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """What the transform does with one layer (one row of ``summary``)."""
+
+  path: str
+  kind: str
+  rule: int | None  # index of the deciding rule, None when no rule matched
+  weight: Any
+  act: Any
+  note: str = ""
+
+  @property
+  def quantized(self) -> bool:
+    return self.weight is not None or self.act is not None
+
+
+def _float_fields(module: nn.Module) -> dict[str, Any]:
+  return {
+      f.name: getattr(module, f.name)
+      for f in dataclasses.fields(type(module))
+      if f.init and f.name not in ("parent", "name")
+  }
+
+
+class _Planner:
+  """Decides each layer once per trace and, when ``swap`` is set, swaps it."""
+
+  def __init__(self, rules: Sequence[QuantRule], order: Sequence[tuple[str, str]] | None, swap: bool):
+    self.rules = tuple(rules)
+    self.swap = swap
+    self.plans: dict[str, LayerPlan] = {}
+    self.order: list[tuple[str, str]] = list(order or [])
+    self.complete = order is not None
+
+  def _positions(self, path: str) -> tuple[dict, dict]:
+    positions, counts = {}, {}
+    for rule in self.rules:
+      same_kind = [p for p, k in self.order if k in rule.kinds]
+      positions[rule.kinds] = same_kind.index(path) if path in same_kind else None
+      if self.complete:
+        counts[rule.kinds] = len(same_kind)
+    return positions, counts
+
+  def _plan(self, path: str, module: nn.Module) -> LayerPlan:
+    if type(module) in _HAND_WRITTEN:
+      return LayerPlan(path, _HAND_WRITTEN[type(module)], None, module.weight_quant, module.act_quant,
+                       "hand-written quantized layer")
+    kind = LAYER_KIND.get(type(module))
+    if kind is None:  # a user subclass of a float layer: its __call__ may differ, leave it
+      base = next(b for b in LAYER_KIND if isinstance(module, b))
+      return LayerPlan(path, LAYER_KIND[base], None, None, None,
+                       f"skipped: {type(module).__name__} subclasses nn.{base.__name__}")
+    if (path, kind) not in self.order:
+      self.order.append((path, kind))
+    positions, counts = self._positions(path)
+    i = first_match(self.rules, path, kind, positions, counts)
+    if i is None:
+      return LayerPlan(path, kind, None, None, None, "no rule matched")
+    return LayerPlan(path, kind, i, self.rules[i].weight, self.rules[i].act)
+
+  def __call__(self, next_fun: Callable, args, kwargs, context) -> Any:
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, tuple(LAYER_KIND)):
+      return next_fun(*args, **kwargs)
+    path = "/".join(module.scope.path)
+    plan = self.plans.get(path)
+    if plan is None:
+      plan = self.plans[path] = self._plan(path, module)
+    if not self.swap or not plan.quantized or type(module) not in QUANTIZED_COUNTERPART:
+      return next_fun(*args, **kwargs)
+    quant_cls = QUANTIZED_COUNTERPART[type(module)]
+    layer = quant_cls(**_float_fields(module), weight_quant=plan.weight, act_quant=plan.act, parent=module.scope)
+    return layer(*args, **kwargs)
+
+  def unmatched_rules(self) -> list[int]:
+    used = {p.rule for p in self.plans.values()}
+    return [i for i in range(len(self.rules)) if i not in used]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedModel:
+  """A float Linen model plus quantization rules; ``init``/``apply`` as ``nn.Module``.
+
+  The model is not modified: ``model.apply`` still runs in float, ``QuantizedModel.apply``
+  runs the quantized version on the same variables (plus ``quant_stats``).
+  """
+
+  model: nn.Module
+  rules: tuple[QuantRule, ...]
+
+  def _needs_full_order(self) -> bool:
+    return any(r.index is not None and r.index < 0 for r in self.rules)
+
+  def _run(self, fn: Callable[[], Any], swap: bool = True) -> tuple[Any, _Planner]:
+    order = None
+    if self._needs_full_order():
+      recorder = _Planner(self.rules, None, swap=False)
+      with nn.intercept_methods(recorder):
+        jax.eval_shape(fn)
+      order = recorder.order
+    planner = _Planner(self.rules, order, swap=swap)
+    with nn.intercept_methods(planner):
+      out = fn()
+    for i in planner.unmatched_rules():
+      warnings.warn(f"quantization rule {i} {self.rules[i]} matched no layer of {type(self.model).__name__}; "
+                    f"layers: {[p for p in planner.plans]}", stacklevel=3)
+    return out, planner
+
+  def init(self, rngs, *args, **kwargs):
+    return self._run(lambda: self.model.init(rngs, *args, **kwargs))[0]
+
+  def init_with_output(self, rngs, *args, **kwargs):
+    return self._run(lambda: self.model.init_with_output(rngs, *args, **kwargs))[0]
+
+  def apply(self, variables, *args, **kwargs):
+    return self._run(lambda: self.model.apply(variables, *args, **kwargs))[0]
+
+  def plan(self, *args, **kwargs) -> list[LayerPlan]:
+    """The per-layer decisions for inputs ``args`` (abstract evaluation, no FLOPs)."""
+    _, planner = self._run(lambda: jax.eval_shape(lambda: self.model.init(jax.random.key(0), *args, **kwargs)),
+                           swap=False)
+    return list(planner.plans.values())
+
+
+def quantize_model(model: nn.Module, rules: Sequence[QuantRule]) -> QuantizedModel:
+  """Wraps an unmodified Linen model so its dense/conv layers are quantized by ``rules``."""
+  if not isinstance(model, nn.Module):
+    raise TypeError(f"quantize_model expects a flax.linen Module, got {type(model).__name__}")
+  rules = tuple(rules)
+  for r in rules:
+    if not isinstance(r, QuantRule):
+      raise TypeError(f"rules must be QuantRule instances, got {r!r}")
+  return QuantizedModel(model, rules)
+
+
+def _shape_mismatches(expected, got, prefix: str = "params") -> list[str]:
+  flat_e = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+  flat_g = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(got)}
+  problems = [f"{prefix}{k} is missing from the checkpoint" for k in flat_e if k not in flat_g]
+  problems += [f"{prefix}{k} is in the checkpoint but not in the model" for k in flat_g if k not in flat_e]
+  problems += [
+      f"{prefix}{k} has shape {tuple(jnp.shape(flat_g[k]))} in the checkpoint but {tuple(flat_e[k].shape)} in the model"
+      for k in flat_e if k in flat_g and tuple(jnp.shape(flat_g[k])) != tuple(flat_e[k].shape)
+  ]
+  return problems
+
+
+def quantize_variables(qmodel: QuantizedModel, float_variables: dict, *args, **kwargs) -> dict:
+  """Float variables -> QAT variables for ``qmodel``.
+
+  The float collections (``params``, ``batch_stats``, ...) are returned as they are,
+  after checking that every path and shape matches the quantized model; a fresh
+  ``quant_stats`` collection (empty observers) is added. ``args``/``kwargs`` are example
+  inputs for the model's ``__call__``, as for ``init``.
+
+  Raises:
+    ValueError: listing every path that is missing, extra or of the wrong shape.
+  """
+  init = lambda: qmodel.init(jax.random.key(0), *args, **kwargs)
+  shapes = jax.eval_shape(init)
+  problems = []
+  for col, tree in shapes.items():
+    if col == "quant_stats":
+      continue
+    problems += _shape_mismatches(tree, float_variables.get(col, {}), prefix=col)
+  if problems:
+    raise ValueError(f"float variables do not fit {type(qmodel.model).__name__}:\n  " + "\n  ".join(problems))
+  out = dict(float_variables)
+  if "quant_stats" in shapes:
+    out["quant_stats"] = jax.jit(lambda: init()["quant_stats"])()
+  return out
+
+
+def summary(qmodel: QuantizedModel, *args, print_fn: Callable[[str], Any] | None = print, **kwargs) -> str:
+  """Table of every dense/conv layer: path, kind, float or quantized, quantizers, bits.
+
+  Returns the table and prints it (``print_fn=None`` to only return it).
+  """
+  plans = qmodel.plan(*args, **kwargs)
+  rows = [("layer", "kind", "mode", "weight quantizer", "w bits", "act quantizer", "a bits", "rule")]
+  for p in plans:
+    mode = "quantized" if p.quantized else "float"
+    rows.append((
+        p.path, p.kind, mode,
+        qz.describe(p.weight), str(p.weight.bits) if p.weight is not None else "32",
+        qz.describe(p.act), str(p.act.bits) if p.act is not None else "32",
+        p.note or (str(p.rule) if p.rule is not None else "-"),
+    ))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  fmt = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths))
+  lines = [fmt(rows[0]), "-+-".join("-" * w for w in widths), *map(fmt, rows[1:])]
+  used = {p.rule for p in plans}
+  lines += [f"rule {i} matched no layer: {r}" for i, r in enumerate(qmodel.rules) if i not in used]
+  n_q = sum(p.quantized for p in plans)
+  lines.append(f"{n_q} of {len(plans)} layers quantized")
+  text = "\n".join(lines)
+  if print_fn is not None:
+    print_fn(text)
+  return text
