@@ -1,0 +1,108 @@
+"""The ``micronet-jax`` command.
+
+    micronet-jax train --model lenet --dataset fashion_mnist --quant iao --w-bits 8 --a-bits 8 --epochs 8
+
+Bad values (bits out of range, unknown method or model, missing data) end with a
+one-paragraph message and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from micronet_jax import data as data_lib
+from micronet_jax import models
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+  """A bad command-line value: reported in one message, exit status 2."""
+
+
+def _add_train(sub) -> None:
+  from micronet_jax.experiment import QUANT_METHODS, TrainConfig
+
+  d = TrainConfig()
+  p = sub.add_parser(
+      "train",
+      help="train a model (float or quantization-aware) and write a run directory",
+      description="Train a model from scratch, in float or with quantization-aware training (QAT). "
+      "Prints test accuracy after every epoch and writes OUT/metrics.json, OUT/config.json and an "
+      "orbax checkpoint in OUT/checkpoint.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  p.add_argument("--model", default=d.model, choices=sorted(models.MODELS), help="network architecture")
+  p.add_argument("--dataset", default=d.dataset, choices=data_lib.DATASETS, help="dataset")
+  p.add_argument("--data-dir", default=None,
+                 help="folder with the four IDX files; default: the Debian package's folder "
+                 f"({data_lib.SYSTEM_DIRS['fashion_mnist']}), then tensorflow-datasets")
+  p.add_argument("--quant", default=d.quant, choices=QUANT_METHODS,
+                 help="float: no quantization; dorefa: DoReFa weights/activations, first layer float "
+                 "(micronet's placement); iao: affine int-style quantization of every layer "
+                 "(weights symmetric per output channel, activations asymmetric per tensor)")
+  p.add_argument("--w-bits", type=int, default=d.w_bits, help="weight bits, 2..16 (32 keeps weights float)")
+  p.add_argument("--a-bits", type=int, default=d.a_bits, help="activation bits, 2..16 (32 keeps activations float)")
+  p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
+  p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
+  p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size")
+  p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+  p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                 help="coupled L2 weight decay added to the gradient before Adam (micronet's)")
+  p.add_argument("--seed", type=int, default=d.seed, help="seed for init, shuffling and dropout")
+  p.add_argument("--out", default=None, help="run directory (default: runs/MODEL-QUANT-wWaA)")
+  p.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
+  p.add_argument("--limit-test", type=int, default=None, help="use only the first N test examples")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+  from micronet_jax.experiment import TrainConfig, run
+
+  out = args.out
+  if out is None:
+    out = f"runs/{args.model}-{args.quant}" + ("" if args.quant == "float" else f"-w{args.w_bits}a{args.a_bits}")
+  try:
+    config = TrainConfig(
+        model=args.model, dataset=args.dataset, data_dir=args.data_dir, quant=args.quant,
+        w_bits=args.w_bits, a_bits=args.a_bits, epochs=args.epochs, batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+        out=out, limit_train=args.limit_train, limit_test=args.limit_test,
+    )
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  m = run(config, progress=not args.no_progress)
+  print(f"\n| run | epochs | test acc | best test acc | s/epoch |\n|---|---|---|---|---|\n"
+        f"| {m['label']} | {m['epochs']} | {100 * m['test_accuracy']:.2f}% | "
+        f"{100 * m['best_test_accuracy']:.2f}% | {m['seconds_per_epoch']:.1f} |")
+  print(f"wrote {out}/metrics.json and {out}/checkpoint")
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="micronet-jax",
+      description="Quantization-aware training and compression of Flax models (a JAX port of micronet).",
+  )
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  _add_train(sub)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    return args.func(args)
+  except (UsageError, data_lib.DataError) as e:
+    print(f"micronet-jax {args.command}: error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())
