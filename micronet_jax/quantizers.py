@@ -182,7 +182,8 @@ def affine_fake_quant(x: Array, scale: Array, zero_point: Array, qmin: int, qmax
 
   The integer ``r(x / scale) + zp`` is what the deploy path stores; rounding happens
   before the zero point is added, as in gemmlowp/TFLite. Gradient (clipped STE): 1 where
-  qmin <= x / scale + zp <= qmax, 0 elsewhere; none into scale or zero point.
+  qmin <= r(x / scale) + zp <= qmax (the clip does not bite), 0 elsewhere; none into
+  scale or zero point.
   """
   return clipped_round_ste(x / scale, qmin - zero_point, qmax - zero_point) * scale
 

@@ -8,8 +8,11 @@ where the quantizer is "transparent". The windows follow micronet exactly (see
 * `round_half_away`: r(x) = sign(x) * floor(|x| + 0.5), the rounding micronet uses
   everywhere. `jnp.round` rounds half to even and differs at every .5 tie.
 * `round_ste`: r(x) forward, identity backward.
-* `clipped_round_ste`: clip(r(x), lo, hi) forward; backward passes g where
-  lo <= x <= hi (inclusive at both ends, like `torch.clamp`), zero elsewhere.
+* `clipped_round_ste`: clip(r(x), lo, hi) forward; backward passes g where the clip
+  does nothing, lo <= r(x) <= hi (inclusive at both ends, like `torch.clamp`; the
+  window is on the rounded value, as in PyTorch's `fake_quantize_per_tensor_affine`,
+  so the largest weight of a channel, whose x/scale can land one ulp above qmax,
+  still gets its gradient).
 * `sign_ste`: sign with sign(0) = +1 forward; backward passes g where |x| < 1 (strict).
 """
 
@@ -45,7 +48,7 @@ round_ste.defvjp(_round_ste_fwd, _round_ste_bwd)
 
 @jax.custom_vjp
 def clipped_round_ste(x: Array, lo: Array, hi: Array) -> Array:
-  """clip(r(x), lo, hi); the gradient w.r.t. x is g * [lo <= x <= hi].
+  """clip(r(x), lo, hi); the gradient w.r.t. x is g * [lo <= r(x) <= hi].
 
   `lo` and `hi` broadcast against `x` (scalars, or per-channel arrays). They receive
   no gradient: in this library ranges come from observers or from the weights
@@ -55,8 +58,9 @@ def clipped_round_ste(x: Array, lo: Array, hi: Array) -> Array:
 
 
 def _clipped_round_fwd(x, lo, hi):
-  inside = (x >= lo) & (x <= hi)
-  return jnp.clip(round_half_away(x), lo, hi), (inside, lo, hi)
+  r = round_half_away(x)
+  inside = (r >= lo) & (r <= hi)
+  return jnp.clip(r, lo, hi), (inside, lo, hi)
 
 
 def _clipped_round_bwd(res, g):

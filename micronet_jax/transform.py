@@ -121,7 +121,7 @@ class QuantizedModel:
   def _needs_full_order(self) -> bool:
     return any(r.index is not None and r.index < 0 for r in self.rules)
 
-  def _run(self, fn: Callable[[], Any], swap: bool = True) -> tuple[Any, _Planner]:
+  def _run(self, fn: Callable[[], Any], swap: bool = True, warn: bool = True) -> tuple[Any, _Planner]:
     order = None
     if self._needs_full_order():
       recorder = _Planner(self.rules, None, swap=False)
@@ -131,7 +131,7 @@ class QuantizedModel:
     planner = _Planner(self.rules, order, swap=swap)
     with nn.intercept_methods(planner):
       out = fn()
-    for i in planner.unmatched_rules():
+    for i in planner.unmatched_rules() if warn else ():
       warnings.warn(f"quantization rule {i} {self.rules[i]} matched no layer of {type(self.model).__name__}; "
                     f"layers: {[p for p in planner.plans]}", stacklevel=3)
     return out, planner
@@ -148,7 +148,7 @@ class QuantizedModel:
   def plan(self, *args, **kwargs) -> list[LayerPlan]:
     """The per-layer decisions for inputs ``args`` (abstract evaluation, no FLOPs)."""
     _, planner = self._run(lambda: jax.eval_shape(lambda: self.model.init(jax.random.key(0), *args, **kwargs)),
-                           swap=False)
+                           swap=False, warn=False)
     return list(planner.plans.values())
 
 
