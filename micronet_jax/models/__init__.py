@@ -1,11 +1,26 @@
-"""Plain Linen models that know nothing about quantization. All take ``(x, train)``."""
+"""Plain Linen models that know nothing about quantization or pruning.
+
+All are called as ``model.apply(variables, x, train=bool)`` on NHWC inputs and return
+logits. Widths are fields (``cfg``, ``channels``, ``widths``) so a pruned network can be
+rebuilt from its config.
+"""
 
 from micronet_jax.models.lenet import LeNet
+from micronet_jax.models.nin import NIN, NIN_CFG, NIN_GC_CFG, NINGC, channel_shuffle
+from micronet_jax.models.resnet import BasicBlock, BottleNeck, ResNet, resnet18, resnet34, resnet50
 
-MODELS = {"lenet": LeNet}
+MODELS = {
+    "lenet": LeNet,
+    "nin": NIN,
+    "nin_gc": NINGC,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+}
 
 
 def get_model(name: str, num_classes: int = 10, **kwargs):
+  """A model by name; ``kwargs`` go to its constructor (e.g. ``cfg=...`` for nin)."""
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
   return MODELS[name](num_classes=num_classes, **kwargs)
