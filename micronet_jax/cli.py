@@ -59,7 +59,7 @@ def _add_train(sub) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-  from micronet_jax.experiment import TrainConfig, run
+  from micronet_jax.experiment import ConfigError, TrainConfig, run
 
   out = args.out
   if out is None:
@@ -73,7 +73,10 @@ def _train(args: argparse.Namespace) -> int:
     )
   except ValueError as e:
     raise UsageError(str(e)) from None
-  m = run(config, progress=not args.no_progress)
+  try:
+    m = run(config, progress=not args.no_progress)
+  except ConfigError as e:
+    raise UsageError(str(e)) from None
   print(f"\n| run | epochs | test acc | best test acc | s/epoch |\n|---|---|---|---|---|\n"
         f"| {m['label']} | {m['epochs']} | {100 * m['test_accuracy']:.2f}% | "
         f"{100 * m['best_test_accuracy']:.2f}% | {m['seconds_per_epoch']:.1f} |")

@@ -58,11 +58,18 @@ class Dataset:
 def read_idx(path: str) -> np.ndarray:
   """Reads an IDX file (optionally gzipped) into a uint8 array of its stored shape."""
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (EOFError, OSError) as e:  # truncated or corrupt gzip (an interrupted download)
+    raise DataError(f"{path} cannot be read: {e}") from None
+  if len(data) < 4:
+    raise DataError(f"{path} is truncated: {len(data)} bytes, shorter than an IDX header")
   zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
   if zero != 0 or dtype_code != 0x08:
     raise DataError(f"{path} is not an unsigned-byte IDX file (header {data[:4].hex()})")
+  if len(data) < 4 + 4 * ndim:
+    raise DataError(f"{path} is truncated inside its header ({ndim} dimensions announced)")
   shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
   arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
   if arr.size != int(np.prod(shape)):

@@ -23,6 +23,10 @@ from micronet_jax.transform import quantize_model, summary
 QUANT_METHODS = ("float", *rules_lib.PRESETS)
 
 
+class ConfigError(ValueError):
+  """A run cannot start with these settings (the CLI reports it and exits with 2)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   model: str = "lenet"
@@ -42,6 +46,12 @@ class TrainConfig:
   limit_test: int | None = None
 
   def __post_init__(self):
+    try:
+      self._validate()
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+
+  def _validate(self):
     if self.model not in models.MODELS:
       raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(models.MODELS)}")
     if self.dataset not in data_lib.DATASETS:
@@ -59,6 +69,9 @@ class TrainConfig:
       raise ValueError(f"lr must be > 0, got {self.lr}")
     if self.weight_decay < 0:
       raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+    for name in ("limit_train", "limit_test"):
+      if getattr(self, name) is not None and getattr(self, name) < 1:
+        raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
   @property
   def label(self) -> str:
@@ -78,6 +91,9 @@ def run(config: TrainConfig, progress: bool = True, log: Callable[[str], Any] = 
   """Trains as ``config`` says and writes the run directory. Returns metrics.json's dict."""
   dataset = data_lib.load(config.dataset, config.data_dir)
   dataset = data_lib.subset(dataset, config.limit_train, config.limit_test)
+  if config.batch_size > len(dataset.x_train):
+    raise ConfigError(f"batch size {config.batch_size} is larger than the training set "
+                      f"({len(dataset.x_train)} examples)")
   _, net = build(config, dataset.num_classes)
   x0 = jnp.asarray(dataset.x_train[:1])
   variables = jax.jit(lambda k: net.init(k, x0, train=False))(jax.random.key(config.seed))

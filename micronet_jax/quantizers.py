@@ -75,6 +75,17 @@ class ActivationQuantizer(Protocol):
 # ----------------------------------------------------------------------------- DoReFa
 
 
+def divide_by_constant(x: Array, c: np.float32) -> Array:
+  """x / c, correctly rounded, also under jit.
+
+  XLA rewrites a division by a broadcast constant into a multiplication by its
+  reciprocal, which is not the same float32 number: 1.0 / float32(1/15) is 15 but
+  1.0 * (1 / float32(1/15)) is 14.999999, and the tie then rounds the other way. The
+  barrier hides the constant from that rewrite, so we keep micronet's exact results.
+  """
+  return x / jax.lax.optimization_barrier(jnp.full_like(x, c))
+
+
 def dorefa_step(bits: int) -> np.float32:
   """s = 1 / (2^k - 1), rounded to float32 once, as micronet's Python scalar becomes."""
   return np.float32(1.0 / (2**bits - 1))
@@ -90,7 +101,7 @@ def dorefa_weight(w: Array, bits: int) -> Array:
   s = dorefa_step(bits)
   t = jnp.tanh(w)
   n = t / 2 / jnp.max(jnp.abs(t)) + 0.5
-  return 2 * (round_ste(n / s) * s) - 1
+  return 2 * (round_ste(divide_by_constant(n, s)) * s) - 1
 
 
 def dorefa_activation(x: Array, bits: int, input_scale: float = 0.1) -> Array:
@@ -101,7 +112,7 @@ def dorefa_activation(x: Array, bits: int, input_scale: float = 0.1) -> Array:
   """
   s = dorefa_step(bits)
   y = clip_inclusive(x * np.float32(input_scale), 0.0, 1.0)
-  return round_ste(y / s) * s
+  return round_ste(divide_by_constant(y, s)) * s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +196,7 @@ def affine_fake_quant(x: Array, scale: Array, zero_point: Array, qmin: int, qmax
   qmin <= r(x / scale) + zp <= qmax (the clip does not bite), 0 elsewhere; none into
   scale or zero point.
   """
+  scale = jax.lax.stop_gradient(scale)
   return clipped_round_ste(x / scale, qmin - zero_point, qmax - zero_point) * scale
 
 

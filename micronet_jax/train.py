@@ -23,6 +23,7 @@ from flax.training import train_state
 from tqdm.auto import tqdm
 
 from micronet_jax import data as data_lib
+from micronet_jax.treeutil import shape_mismatches
 
 Array = jax.Array
 
@@ -181,9 +182,13 @@ def load_checkpoint(run_dir: str, like: dict) -> dict:
     raise FileNotFoundError(f"no checkpoint in {run_dir} (expected {path})")
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like)
   try:
-    return ocp.StandardCheckpointer().restore(path, target)
+    restored = ocp.StandardCheckpointer().restore(path, target)
   except (ValueError, KeyError) as e:
     raise ValueError(f"checkpoint {path} does not fit this model: {e}") from None
+  problems = shape_mismatches(target, restored)
+  if problems:  # orbax restores saved shapes whatever the target says
+    raise ValueError(f"checkpoint {path} does not fit this model:\n  " + "\n  ".join(problems))
+  return restored
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from micronet_jax import quantizers as qz
 from micronet_jax.layers import LAYER_KIND, QUANTIZED_COUNTERPART, QuantConv, QuantConvTranspose, QuantDense
 from micronet_jax.rules import QuantRule, first_match
+from micronet_jax.treeutil import shape_mismatches
 
 _HAND_WRITTEN = {QuantDense: "dense", QuantConv: "conv", QuantConvTranspose: "conv_transpose"}
 
@@ -163,18 +164,6 @@ def quantize_model(model: nn.Module, rules: Sequence[QuantRule]) -> QuantizedMod
   return QuantizedModel(model, rules)
 
 
-def _shape_mismatches(expected, got, prefix: str = "params") -> list[str]:
-  flat_e = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-  flat_g = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(got)}
-  problems = [f"{prefix}{k} is missing from the checkpoint" for k in flat_e if k not in flat_g]
-  problems += [f"{prefix}{k} is in the checkpoint but not in the model" for k in flat_g if k not in flat_e]
-  problems += [
-      f"{prefix}{k} has shape {tuple(jnp.shape(flat_g[k]))} in the checkpoint but {tuple(flat_e[k].shape)} in the model"
-      for k in flat_e if k in flat_g and tuple(jnp.shape(flat_g[k])) != tuple(flat_e[k].shape)
-  ]
-  return problems
-
-
 def quantize_variables(qmodel: QuantizedModel, float_variables: dict, *args, **kwargs) -> dict:
   """Float variables -> QAT variables for ``qmodel``.
 
@@ -192,7 +181,7 @@ def quantize_variables(qmodel: QuantizedModel, float_variables: dict, *args, **k
   for col, tree in shapes.items():
     if col == "quant_stats":
       continue
-    problems += _shape_mismatches(tree, float_variables.get(col, {}), prefix=col)
+    problems += shape_mismatches(tree, float_variables.get(col, {}), prefix=col)
   if problems:
     raise ValueError(f"float variables do not fit {type(qmodel.model).__name__}:\n  " + "\n  ".join(problems))
   out = dict(float_variables)

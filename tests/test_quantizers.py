@@ -220,14 +220,6 @@ def test_dorefa_activation_tie_scalar_input_matches_micronet():
   assert float(dorefa_activation(jnp.asarray(x), 4)) == 2 * s
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "XLA rewrites `array / broadcast(scalar)` into `array * (1 / scalar)`; 1/float32(1/15)"
-        " = 14.999999, so y / s for y = float32(0.1) gives 1.4999999 instead of micronet's 1.5"
-        " and the tie rounds down: dorefa_activation([1., 1.], 4) = 1/15, micronet 2/15."
-    ),
-)
 def test_dorefa_activation_tie_batched_input_matches_micronet():
   x = np.array([1.0, 1.0, 1.0, 1.0], np.float32)
   expected = dorefa_activation_np(x, 4)
@@ -448,15 +440,6 @@ def test_affine_fake_quant_no_gradient_into_zero_point():
   assert float(g) == 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "docstring says 'none into scale', but affine_fake_quant computes"
-        " clipped_round_ste(x / scale, ...) * scale without stop_gradient on scale, so"
-        " d/dscale = r(v) - v inside the window (LSQ-like); only callers that go through"
-        " affine_qparams (which stop_gradients lo/hi) are protected."
-    ),
-)
 def test_affine_fake_quant_no_gradient_into_scale():
   x = jnp.asarray(np.array([0.3, 1.2, -0.7, 5.0], np.float32))
   g = jax.grad(lambda s: jnp.sum(affine_fake_quant(x, s, jnp.float32(3.0), 0, 15)))(jnp.float32(0.5))
