@@ -1,0 +1,88 @@
+"""Shared fixtures: synthetic IDX folders written with numpy, a small slice of the real
+Fashion-MNIST (skipped, with the reason, where the Debian package is not installed), and
+a way to take every data source away."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import sys
+
+import numpy as np
+import pytest
+
+from micronet_jax import data
+
+FASHION_MNIST_DIR = data.SYSTEM_DIRS["fashion_mnist"]
+NO_FASHION_MNIST = (
+    f"Fashion-MNIST IDX files not found in {FASHION_MNIST_DIR} "
+    "(apt-get install -y dataset-fashion-mnist to run the realdata tests)"
+)
+
+
+def idx_bytes(arr: np.ndarray) -> bytes:
+  """The IDX encoding of a uint8 array: 0x0000, type 0x08, ndim, big-endian dims, data."""
+  arr = np.asarray(arr, np.uint8)
+  return struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+
+
+def write_idx(path: str, arr: np.ndarray) -> str:
+  """Writes ``arr`` as IDX to ``path``, gzipped when ``path`` ends with .gz."""
+  raw = idx_bytes(arr)
+  with open(path, "wb") as f:
+    f.write(gzip.compress(raw) if path.endswith(".gz") else raw)
+  return path
+
+
+def make_idx_dir(folder, n_train: int = 48, n_test: int = 20, gz: bool = False, seed: int = 0) -> dict:
+  """Writes the four IDX files of a tiny 28x28 dataset into ``folder``; returns the arrays."""
+  os.makedirs(folder, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  arrays = {
+      "train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+      "train_labels": rng.integers(0, 10, n_train, dtype=np.uint8),
+      "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+      "test_labels": rng.integers(0, 10, n_test, dtype=np.uint8),
+  }
+  # Every class present in both splits, so num_classes is 10 whatever the seed.
+  arrays["train_labels"][:10] = np.arange(10)
+  arrays["test_labels"][:10] = np.arange(10)
+  for key, stem in data.IDX_FILES.items():
+    write_idx(os.path.join(str(folder), stem + (".gz" if gz else "")), arrays[key])
+  return arrays
+
+
+@pytest.fixture(params=["raw", "gz"])
+def synthetic_idx_dir(request, tmp_path):
+  """(folder, arrays): a tiny IDX dataset, once with plain and once with gzipped files."""
+  folder = tmp_path / f"idx-{request.param}"
+  arrays = make_idx_dir(folder, gz=request.param == "gz")
+  return str(folder), arrays
+
+
+@pytest.fixture
+def no_data_sources(monkeypatch, tmp_path):
+  """No system folder and no tensorflow-datasets: ``load`` can only use --data-dir."""
+  missing = str(tmp_path / "no-such-system-dir")
+  monkeypatch.setattr(data, "SYSTEM_DIRS", {name: f"{missing}/{name}" for name in data.DATASETS})
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import raises ImportError
+  return missing
+
+
+def fashion_mnist_installed() -> bool:
+  return all(data._find(FASHION_MNIST_DIR, stem) for stem in data.IDX_FILES.values())
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir():
+  """The Debian package's folder; skips the test when the files are not there."""
+  if not fashion_mnist_installed():
+    pytest.skip(NO_FASHION_MNIST)
+  return FASHION_MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_small(fashion_mnist_dir):
+  """2000 training and 1000 test images of the real Fashion-MNIST."""
+  return data.subset(data.load("fashion_mnist", fashion_mnist_dir), 2000, 1000)
