@@ -1,6 +1,9 @@
 """The ``micronet-jax`` command.
 
     micronet-jax train --model lenet --dataset fashion_mnist --quant iao --w-bits 8 --a-bits 8 --epochs 8
+    micronet-jax train --model nin --quant float --sparsity 1e-4 --out runs/sparse
+    micronet-jax prune --from runs/sparse --percent 0.5 --out runs/pruned
+    micronet-jax train --from runs/pruned --quant float --epochs 2 --out runs/finetuned
 
 Bad values (bits out of range, unknown method or model, missing data) end with a
 one-paragraph message and exit status 2, never a traceback.
@@ -28,13 +31,20 @@ def _add_train(sub) -> None:
   p = sub.add_parser(
       "train",
       help="train a model (float or quantization-aware) and write a run directory",
-      description="Train a model from scratch, in float or with quantization-aware training (QAT). "
-      "Prints test accuracy after every epoch and writes OUT/metrics.json, OUT/config.json and an "
-      "orbax checkpoint in OUT/checkpoint.",
+      description="Train a model from scratch or from another run (--from), in float or with "
+      "quantization-aware training (QAT). Prints test accuracy after every epoch and writes "
+      "OUT/metrics.json, OUT/config.json and an orbax checkpoint in OUT/checkpoint.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
-  p.add_argument("--model", default=d.model, choices=sorted(models.MODELS), help="network architecture")
-  p.add_argument("--dataset", default=d.dataset, choices=data_lib.DATASETS, help="dataset")
+  p.add_argument("--model", default=None, choices=sorted(models.MODELS),
+                 help=f"network architecture (default: {d.model}, or the --from run's)")
+  p.add_argument("--cfg", type=int, nargs="+", default=None, metavar="C",
+                 help="channel widths of the model (default: the model's own, or the --from run's)")
+  p.add_argument("--dataset", default=None, choices=data_lib.DATASETS,
+                 help=f"dataset (default: {d.dataset}, or the --from run's)")
+  p.add_argument("--from", dest="from_run", default=None, metavar="RUN_DIR",
+                 help="start from this run's checkpoint and architecture (fine-tune a pruned network, "
+                 "quantize a float one, ...)")
   p.add_argument("--data-dir", default=None,
                  help="folder with the four IDX files; default: the Debian package's folder "
                  f"({data_lib.SYSTEM_DIRS['fashion_mnist']}), then tensorflow-datasets")
@@ -50,6 +60,9 @@ def _add_train(sub) -> None:
   p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
   p.add_argument("--weight-decay", type=float, default=d.weight_decay,
                  help="coupled L2 weight decay added to the gradient before Adam (micronet's)")
+  p.add_argument("--sparsity", type=float, default=d.sparsity,
+                 help="network-slimming sparse training: add S*sign(gamma) to every BatchNorm scale's "
+                 "gradient (micronet's -sr --s S)")
   p.add_argument("--seed", type=int, default=d.seed, help="seed for init, shuffling and dropout")
   p.add_argument("--out", default=None, help="run directory (default: runs/MODEL-QUANT-wWaA)")
   p.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
@@ -59,14 +72,21 @@ def _add_train(sub) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-  from micronet_jax.experiment import ConfigError, TrainConfig, run
+  from micronet_jax.experiment import ConfigError, TrainConfig, read_config, run
 
+  try:
+    src = read_config(args.from_run) if args.from_run else TrainConfig()
+  except ConfigError as e:
+    raise UsageError(f"--from: {e}") from None
+  model = args.model or src.model
+  model_cfg = args.cfg if args.cfg is not None else (src.model_cfg if model == src.model else None)
   out = args.out
   if out is None:
-    out = f"runs/{args.model}-{args.quant}" + ("" if args.quant == "float" else f"-w{args.w_bits}a{args.a_bits}")
+    out = f"runs/{model}-{args.quant}" + ("" if args.quant == "float" else f"-w{args.w_bits}a{args.a_bits}")
   try:
     config = TrainConfig(
-        model=args.model, dataset=args.dataset, data_dir=args.data_dir, quant=args.quant,
+        model=model, model_cfg=model_cfg, dataset=args.dataset or src.dataset, data_dir=args.data_dir,
+        quant=args.quant, sparsity=args.sparsity, from_run=args.from_run,
         w_bits=args.w_bits, a_bits=args.a_bits, epochs=args.epochs, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
         out=out, limit_train=args.limit_train, limit_test=args.limit_test,
@@ -84,6 +104,42 @@ def _train(args: argparse.Namespace) -> int:
   return 0
 
 
+def _add_prune(sub) -> None:
+  p = sub.add_parser(
+      "prune",
+      help="network slimming: prune BatchNorm channels of a (sparse-trained) float run",
+      description="Prune the channels with the smallest BatchNorm |gamma| of a float NIN/NIN-GC run "
+      "(global threshold, micronet's network slimming), build the smaller network with the kept weights, "
+      "and write a run directory that `train --from OUT` fine-tunes or quantizes.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  p.add_argument("--from", dest="from_run", required=True, metavar="RUN_DIR", help="float run to prune")
+  p.add_argument("--percent", type=float, default=0.5, help="fraction of prunable channels to remove, in [0, 1)")
+  p.add_argument("--regular", type=int, default=1, metavar="N",
+                 help="regular pruning: channel counts rounded to a multiple of N (1: normal pruning)")
+  p.add_argument("--no-compensate", action="store_true",
+                 help="drop pruned channels' ReLU(beta) instead of folding it into the next conv's bias "
+                 "(micronet's behaviour)")
+  p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files (for the accuracy report)")
+  p.add_argument("--out", required=True, help="run directory to write")
+  p.set_defaults(func=_prune)
+
+
+def _prune(args: argparse.Namespace) -> int:
+  from micronet_jax.experiment import ConfigError, prune_run
+
+  if not 0.0 <= args.percent < 1.0:
+    raise UsageError(f"--percent must be in [0, 1), got {args.percent}")
+  if args.regular < 1:
+    raise UsageError(f"--regular must be >= 1, got {args.regular}")
+  try:
+    prune_run(args.from_run, args.out, args.percent, args.regular, not args.no_compensate, args.data_dir)
+  except ConfigError as e:
+    raise UsageError(str(e)) from None
+  print(f"wrote {args.out} (fine-tune it with: micronet-jax train --from {args.out} --quant float ...)")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="micronet-jax",
@@ -91,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
   )
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   _add_train(sub)
+  _add_prune(sub)
   return parser
 
 

@@ -1,26 +1,32 @@
-"""One training run from a frozen config: data, model, quantization, fit, artifacts.
+"""Run directories: one training (or pruning) run from a frozen config, and reloading it.
 
-This is what ``micronet-jax train`` and the scripts in ``experiments/`` call. A run
-directory holds ``config.json``, ``metrics.json`` (accuracies, per-epoch history,
-seconds per epoch, the config and the package versions) and an orbax ``checkpoint/``.
+This is what ``micronet-jax train|prune`` and the scripts in ``experiments/`` call. A
+run directory holds ``config.json`` (a ``TrainConfig``), ``metrics.json``
+(accuracies, per-epoch history, seconds per epoch, the config and the package
+versions) and an orbax ``checkpoint/`` with every variable collection. ``train
+--from DIR`` starts from another run's checkpoint, with that run's architecture.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from micronet_jax import data as data_lib
-from micronet_jax import models, rules as rules_lib, train as train_lib
+from micronet_jax import models, prune as prune_lib, rules as rules_lib, train as train_lib
 from micronet_jax.quantizers import MAX_BITS, MIN_BITS
-from micronet_jax.transform import quantize_model, summary
+from micronet_jax.stats import model_stats
+from micronet_jax.transform import QuantizedModel, quantize_model, quantize_variables, summary
 
 QUANT_METHODS = ("float", *rules_lib.PRESETS)
+INPUT_SHAPES = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1)}
 
 
 class ConfigError(ValueError):
@@ -30,6 +36,7 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   model: str = "lenet"
+  model_cfg: tuple[int, ...] | None = None  # channel widths (e.g. of a pruned network)
   dataset: str = "fashion_mnist"
   data_dir: str | None = None
   quant: str = "iao"
@@ -40,12 +47,16 @@ class TrainConfig:
   eval_batch_size: int = 1000
   lr: float = 1e-3
   weight_decay: float = 0.0
+  sparsity: float = 0.0  # network-slimming L1 strength on BatchNorm scales
   seed: int = 0
   out: str = "runs/lenet-iao-w8a8"
+  from_run: str | None = None
   limit_train: int | None = None
   limit_test: int | None = None
 
   def __post_init__(self):
+    if self.model_cfg is not None:
+      object.__setattr__(self, "model_cfg", tuple(int(c) for c in self.model_cfg))
     try:
       self._validate()
     except ValueError as e:
@@ -67,8 +78,9 @@ class TrainConfig:
         raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
     if not self.lr > 0:
       raise ValueError(f"lr must be > 0, got {self.lr}")
-    if self.weight_decay < 0:
-      raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+    for name in ("weight_decay", "sparsity"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     for name in ("limit_train", "limit_test"):
       if getattr(self, name) is not None and getattr(self, name) < 1:
         raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -79,12 +91,61 @@ class TrainConfig:
       return "float"
     return f"{self.quant} W{self.w_bits}A{self.a_bits}"
 
+  def example_input(self) -> jax.Array:
+    return jnp.zeros((1, *INPUT_SHAPES[self.dataset]), jnp.float32)
+
 
 def build(config: TrainConfig, num_classes: int = 10):
   """(float model, model to train: the float one or its quantized version)."""
-  model = models.get_model(config.model, num_classes=num_classes)
+  kwargs = {"cfg": config.model_cfg} if config.model_cfg is not None else {}
+  try:
+    model = models.get_model(config.model, num_classes=num_classes, **kwargs)
+  except TypeError:
+    raise ConfigError(f"model {config.model} takes no channel config") from None
   rules = rules_lib.preset(config.quant, config.w_bits, config.a_bits)
   return model, (quantize_model(model, rules) if rules else model)
+
+
+def read_config(run_dir: str) -> TrainConfig:
+  """The ``TrainConfig`` a run directory was made with."""
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.exists(path):
+    raise ConfigError(f"{run_dir} is not a run directory (no config.json)")
+  with open(path) as f:
+    return TrainConfig(**json.load(f))
+
+
+def load_run(run_dir: str) -> tuple[TrainConfig, Any, dict]:
+  """(config, model as trained, variables) of a run directory."""
+  config = read_config(run_dir)
+  _, net = build(config)
+  x0 = config.example_input()
+  like = jax.eval_shape(lambda: net.init(jax.random.key(0), x0, train=False))
+  try:
+    variables = train_lib.load_checkpoint(run_dir, like)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(str(e)) from None
+  return config, net, variables
+
+
+def _start_variables(config: TrainConfig, net: Any, x0: jax.Array, log: Callable) -> dict:
+  """Fresh variables, or the ``from_run`` checkpoint fitted to this run's quantization."""
+  if config.from_run is None:
+    return jax.jit(lambda k: net.init(k, x0, train=False))(jax.random.key(config.seed))
+  src, _, variables = load_run(config.from_run)
+  if (src.model, src.model_cfg) != (config.model, config.model_cfg):
+    raise ConfigError(f"--from {config.from_run} holds {src.model} cfg={src.model_cfg}, "
+                      f"not {config.model} cfg={config.model_cfg}")
+  same_quant = (src.quant, src.w_bits, src.a_bits) == (config.quant, config.w_bits, config.a_bits)
+  if same_quant:
+    log(f"starting from {config.from_run} ({src.label}), observers included")
+    return variables
+  variables = {k: v for k, v in variables.items() if k != "quant_stats"}
+  log(f"starting from {config.from_run} ({src.label}) weights" + ("" if config.quant == "float" else
+                                                                ", fresh observers"))
+  if isinstance(net, QuantizedModel):
+    variables = quantize_variables(net, variables, x0, train=False)
+  return variables
 
 
 def run(config: TrainConfig, progress: bool = True, log: Callable[[str], Any] = print) -> dict:
@@ -95,13 +156,14 @@ def run(config: TrainConfig, progress: bool = True, log: Callable[[str], Any] = 
     raise ConfigError(f"batch size {config.batch_size} is larger than the training set "
                       f"({len(dataset.x_train)} examples)")
   _, net = build(config, dataset.num_classes)
-  x0 = jnp.asarray(dataset.x_train[:1])
-  variables = jax.jit(lambda k: net.init(k, x0, train=False))(jax.random.key(config.seed))
-  if config.quant != "float":
+  x0 = config.example_input()
+  variables = _start_variables(config, net, x0, log)
+  if isinstance(net, QuantizedModel):
     log(summary(net, x0, train=False, print_fn=None))
-  state = train_lib.create_train_state(
-      net.apply, variables, train_lib.make_optimizer(config.lr, config.weight_decay), seed=config.seed
-  )
+  tx = train_lib.make_optimizer(config.lr, config.weight_decay)
+  if config.sparsity:
+    tx = optax.chain(prune_lib.bn_sparsity(config.sparsity), tx)
+  state = train_lib.create_train_state(net.apply, variables, tx, seed=config.seed)
   log(f"{config.label}: {config.model} on {config.dataset} ({len(dataset.x_train)} train / "
       f"{len(dataset.x_test)} test, from {dataset.source}), {config.epochs} epochs, batch {config.batch_size}")
   start = time.perf_counter()
@@ -120,11 +182,61 @@ def run(config: TrainConfig, progress: bool = True, log: Callable[[str], Any] = 
       "first_epoch_seconds": history[0]["seconds"],
       "total_seconds": time.perf_counter() - start,
       "history": history,
+      "model_stats": model_stats(net, state.variables, x0, train=False).row(),
       "config": dataclasses.asdict(config),
       "versions": train_lib.package_versions(),
   }
-  os.makedirs(config.out, exist_ok=True)
-  train_lib.write_json(os.path.join(config.out, "config.json"), dataclasses.asdict(config))
-  train_lib.write_json(os.path.join(config.out, "metrics.json"), metrics)
-  train_lib.save_checkpoint(config.out, state.variables)
+  write_run(config.out, config, state.variables, metrics)
+  return metrics
+
+
+def write_run(out: str, config: TrainConfig, variables: dict, metrics: dict) -> None:
+  os.makedirs(out, exist_ok=True)
+  train_lib.write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
+  train_lib.write_json(os.path.join(out, "metrics.json"), metrics)
+  train_lib.save_checkpoint(out, variables)
+
+
+def prune_run(from_run: str, out: str, percent: float, regular: int = 1, compensate_beta: bool = True,
+              data_dir: str | None = None, log: Callable[[str], Any] = print) -> dict:
+  """Slims a float run and writes a run directory that ``train --from`` accepts.
+
+  Reports test accuracy of the original, of the masked original (pruned channels'
+  gamma and beta zeroed) and of the pruned network, with parameters and size.
+  """
+  src, model, variables = load_run(from_run)
+  if src.quant != "float":
+    raise ConfigError(f"{from_run} is a {src.label} run; prune a float run, then quantize the pruned one")
+  try:
+    new_model, new_vars, plan = prune_lib.prune(model, variables, percent, regular, compensate_beta)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  dataset = data_lib.load(src.dataset, data_dir or src.data_dir)
+  x0 = src.example_input()
+
+  def accuracy(m, v):
+    state = train_lib.create_train_state(m.apply, v, optax.identity())
+    return train_lib.evaluate(state, dataset.x_test, dataset.y_test, src.eval_batch_size)["accuracy"]
+
+  before, after = model_stats(model, variables, x0, train=False), model_stats(new_model, new_vars, x0, train=False)
+  metrics = {
+      "label": f"pruned {percent:.0%}" + (f" (regular {regular})" if regular > 1 else ""),
+      "percent": percent, "regular": regular, "threshold": plan.threshold,
+      "cfg_before": list(src.model_cfg or models.get_model(src.model).cfg), "cfg": list(plan.cfg),
+      "test_accuracy_before": accuracy(model, variables),
+      "test_accuracy_masked": accuracy(model, prune_lib.mask_variables(model, variables, plan)),
+      "test_accuracy": accuracy(new_model, new_vars),
+      "model_stats_before": before.row(), "model_stats": after.row(),
+      "params_removed": 1 - after.params / before.params,
+      "versions": train_lib.package_versions(),
+  }
+  config = dataclasses.replace(src, model_cfg=tuple(plan.cfg), from_run=from_run, out=out, sparsity=0.0)
+  metrics["config"] = dataclasses.asdict(config)
+  write_run(out, config, new_vars, metrics)
+  log(f"threshold |gamma| > {plan.threshold:.4g}; cfg {metrics['cfg_before']} -> {list(plan.cfg)}\n"
+      f"| model | params | MMACs | test acc |\n|---|---|---|---|\n"
+      f"| original | {before.params:,} | {before.macs / 1e6:.2f} | {100 * metrics['test_accuracy_before']:.2f}% |\n"
+      f"| masked (gamma, beta of pruned = 0) | {before.params:,} | {before.macs / 1e6:.2f} | "
+      f"{100 * metrics['test_accuracy_masked']:.2f}% |\n"
+      f"| pruned | {after.params:,} | {after.macs / 1e6:.2f} | {100 * metrics['test_accuracy']:.2f}% |")
   return metrics

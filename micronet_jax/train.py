@@ -63,10 +63,13 @@ def create_train_state(
 ) -> TrainState:
   variables = dict(variables)
   params = variables.pop("params")
-  return TrainState.create(
+  state = TrainState.create(
       apply_fn=apply_fn, params=params, tx=tx, model_state=variables,
       rng=jax.random.key(seed), frozen=tuple(frozen),
   )
+  # An int32 array from the start: a Python 0 would give the first step its own
+  # (weakly typed) dispatch signature.
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def _metrics(logits: Array, labels: Array, weights: Array) -> dict[str, Array]:

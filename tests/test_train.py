@@ -3,7 +3,6 @@ short real-data run through micronet_jax.experiment."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -58,12 +57,8 @@ def tx():
 
 
 def small_lenet() -> LeNet:
-  """A LeNet with (8, 16, 32) channels: same layer paths as LeNet(), other shapes.
-
-  The width field is ``cfg`` (it was ``channels`` before the pruning work); accept both.
-  """
-  fields = {f.name for f in dataclasses.fields(LeNet)}
-  return LeNet(**{"cfg" if "cfg" in fields else "channels": (8, 16, 32)})
+  """A LeNet with (8, 16, 32) channels: same layer paths as LeNet(), other shapes."""
+  return LeNet(cfg=(8, 16, 32))
 
 
 def new_state(qmodel, tx, x, seed=0, frozen=()):
@@ -151,11 +146,8 @@ def test_train_step_compiles_once(qmodel, batches):
   # one trace and one XLA compilation for all five steps
   assert events.count("/jax/core/compile/jaxpr_trace_duration") == 1
   assert events.count("/jax/core/compile/backend_compile_duration") == 1
-  assert sizes[0] == 1
-  # Steps 2..5 all hit one cache entry. (The C++ dispatch cache holds a second signature
-  # because TrainState.create starts ``step`` as the Python int 0 and later steps pass an
-  # int32 array; that entry reuses the same executable: no retrace, no recompile.)
-  assert sizes[1] == sizes[-1] <= 2
+  # one dispatch-cache entry for all five steps (step starts as an int32 array)
+  assert sizes == [1, 1, 1, 1, 1]
   assert steps == [1, 2, 3, 4, 5]
   m = jax.device_get(metrics)
   assert float(m["count"]) == 24 and 0 <= float(m["correct"]) <= 24 and np.isfinite(m["loss"])

@@ -200,7 +200,7 @@ def test_quantize_variables_keeps_float_weights_and_adds_empty_stats():
 def test_quantize_variables_rejects_another_models_checkpoint():
   qmodel = mj.quantize_model(LeNet(), mj.iao_rules(8, 8))
   x = jnp.zeros((1, 28, 28, 1))
-  other = LeNet(channels=(8, 20, 50)).init(KEY, x)
+  other = LeNet(cfg=(8, 20, 50)).init(KEY, x)
   with pytest.raises(ValueError, match=r"params\['Conv_0'\]\['kernel'\] has shape \(5, 5, 1, 8\) in the checkpoint but \(5, 5, 1, 10\)"):
     mj.quantize_variables(qmodel, other, x, train=False)
   with pytest.raises(ValueError, match=r"missing from the checkpoint"):

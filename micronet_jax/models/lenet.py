@@ -10,16 +10,16 @@ class LeNet(nn.Module):
   """conv 10 k5 -> max-pool 2 -> relu -> conv 20 k5 -> max-pool 2 -> relu ->
   dense 50 -> relu -> dropout 0.5 -> dense ``num_classes``.
 
-  ``channels`` = (conv1, conv2, hidden) so that a pruned network can be rebuilt.
+  ``cfg`` = (conv1, conv2, hidden) so that a pruned network can be rebuilt.
   Input (N, 28, 28, 1); output logits (N, num_classes).
   """
 
   num_classes: int = 10
-  channels: tuple[int, int, int] = (10, 20, 50)
+  cfg: tuple[int, int, int] = (10, 20, 50)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    c1, c2, hidden = self.channels
+    c1, c2, hidden = self.cfg
     x = nn.Conv(c1, (5, 5), padding="VALID")(x)
     x = nn.relu(nn.max_pool(x, (2, 2), strides=(2, 2)))
     x = nn.Conv(c2, (5, 5), padding="VALID")(x)
