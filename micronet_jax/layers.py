@@ -25,9 +25,10 @@ Array = jax.Array
 INPUT_STATS = "input"
 
 
-def quantize_input(module: nn.Module, x: Array) -> Array:
-  """Fake-quantizes a layer's input with ``module.act_quant``, threading observer state."""
-  q = module.act_quant
+def quantize_input(module: nn.Module, x: Array, q: Any = None) -> Array:
+  """Fake-quantizes a layer's input with ``q`` (default ``module.act_quant``), keeping the
+  observer state in ``module``'s ``quant_stats``. Call it inside ``module``'s method."""
+  q = module.act_quant if q is None else q
   if q is None:
     return x
   if q.init_state(x) is None:  # stateless (DoReFa): nothing to store

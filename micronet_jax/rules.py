@@ -29,6 +29,8 @@ class QuantRule:
   act: Any = None
   kinds: tuple[str, ...] = KINDS
   index: int | None = None
+  fold_bn: bool = False  # fold an nn.BatchNorm that directly consumes this conv's output
+  bn_calib: bool = False  # with fold_bn: micronet's bn_fuse_calib variant
 
   def __post_init__(self):
     try:
@@ -99,14 +101,18 @@ def iao_rules(
     weight_symmetric: bool = True,
     act_symmetric: bool = False,
     observer: obs.Observer = obs.MovingAverageMinMax(),
+    fold_bn: bool = False,
+    bn_calib: bool = False,
 ) -> tuple[QuantRule, ...]:
   """micronet's IAO placement: every conv/dense layer ("full quantization"), the image
   input of the first layer included. Weights symmetric per output channel, activations
-  asymmetric per tensor with a moving-average observer by default."""
+  asymmetric per tensor with a moving-average observer by default. ``fold_bn`` folds
+  every BatchNorm that directly consumes a conv into it (see ``bn_fold``)."""
   return (
       QuantRule(
           weight=_bits_or_float(w_bits, lambda b: qz.AffineWeight(b, weight_symmetric, per_channel)),
           act=_bits_or_float(a_bits, lambda b: qz.AffineActivation(b, act_symmetric, observer)),
+          fold_bn=fold_bn, bn_calib=bn_calib,
       ),
   )
 

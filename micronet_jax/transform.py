@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from micronet_jax import quantizers as qz
-from micronet_jax.layers import LAYER_KIND, QUANTIZED_COUNTERPART, QuantConv, QuantConvTranspose, QuantDense
+from micronet_jax.bn_fold import folded_conv_bn
+from micronet_jax.layers import (LAYER_KIND, QUANTIZED_COUNTERPART, QuantConv, QuantConvTranspose, QuantDense,
+                                 quantize_input)
 from micronet_jax.rules import QuantRule, first_match
 from micronet_jax.treeutil import shape_mismatches
 
@@ -39,6 +41,7 @@ class LayerPlan:
   weight: Any
   act: Any
   note: str = ""
+  folded_bn: str | None = None  # path of the BatchNorm folded into this conv
 
   @property
   def quantized(self) -> bool:
@@ -54,14 +57,24 @@ def _float_fields(module: nn.Module) -> dict[str, Any]:
 
 
 class _Planner:
-  """Decides each layer once per trace and, when ``swap`` is set, swaps it."""
+  """Decides each layer once per trace and, when ``swap`` is set, swaps it.
 
-  def __init__(self, rules: Sequence[QuantRule], order: Sequence[tuple[str, str]] | None, swap: bool):
+  A discovery pass (``swap=False``) records the call order and which ``nn.BatchNorm``
+  directly consumes which ``nn.Conv`` output (the same array object); the swapping pass
+  uses both, for negative rule indices and for BatchNorm folding.
+  """
+
+  def __init__(self, rules: Sequence[QuantRule], order: Sequence[tuple[str, str]] | None, swap: bool,
+               bn_pairs: dict[str, str] | None = None):
     self.rules = tuple(rules)
     self.swap = swap
     self.plans: dict[str, LayerPlan] = {}
     self.order: list[tuple[str, str]] = list(order or [])
     self.complete = order is not None
+    self.bn_pairs: dict[str, str] = dict(bn_pairs or {})  # conv path -> BN path
+    self._conv_outputs: dict[int, str] = {}  # discovery: id(conv output) -> conv path
+    self._pending: dict[int, tuple] = {}  # swapping: id(float conv output) -> fold inputs
+    self._own_calls = 0  # > 0 while the folded computation runs its own nn.Conv
 
   def _positions(self, path: str) -> tuple[dict, dict]:
     positions, counts = {}, {}
@@ -87,18 +100,56 @@ class _Planner:
     i = first_match(self.rules, path, kind, positions, counts)
     if i is None:
       return LayerPlan(path, kind, None, None, None, "no rule matched")
-    return LayerPlan(path, kind, i, self.rules[i].weight, self.rules[i].act)
+    rule = self.rules[i]
+    folded = self.bn_pairs.get(path) if rule.fold_bn and kind == "conv" else None
+    return LayerPlan(path, kind, i, rule.weight, rule.act, "BatchNorm folded" if folded else "", folded)
+
+  def _batch_norm(self, next_fun: Callable, args, kwargs, module: nn.BatchNorm) -> Any:
+    x = args[0] if args else kwargs.get("x")
+    pending = self._pending.pop(id(x), None)
+    if pending is None:
+      return next_fun(*args, **kwargs)
+    conv, x_q, plan = pending
+    ura = nn.merge_param("use_running_average", module.use_running_average,
+                         kwargs.get("use_running_average", args[1] if len(args) > 1 else None))
+    self._own_calls += 1
+    try:
+      return folded_conv_bn(conv, module, x_q, x, plan.weight, self.rules[plan.rule].bn_calib, ura)
+    finally:
+      self._own_calls -= 1
 
   def __call__(self, next_fun: Callable, args, kwargs, context) -> Any:
     module = context.module
-    if context.method_name != "__call__" or not isinstance(module, tuple(LAYER_KIND)):
+    if context.method_name != "__call__" or self._own_calls:
+      return next_fun(*args, **kwargs)
+    if isinstance(module, nn.BatchNorm):
+      if not self.swap:  # discovery: is the input a conv's output, as it is?
+        x = args[0] if args else kwargs.get("x")
+        conv_path = self._conv_outputs.get(id(x))
+        if conv_path is not None and module.axis in (-1, x.ndim - 1):
+          self.bn_pairs.setdefault(conv_path, "/".join(module.scope.path))
+        return next_fun(*args, **kwargs)
+      return self._batch_norm(next_fun, args, kwargs, module)
+    if not isinstance(module, tuple(LAYER_KIND)):
       return next_fun(*args, **kwargs)
     path = "/".join(module.scope.path)
     plan = self.plans.get(path)
     if plan is None:
       plan = self.plans[path] = self._plan(path, module)
-    if not self.swap or not plan.quantized or type(module) not in QUANTIZED_COUNTERPART:
+    if not self.swap:
+      out = next_fun(*args, **kwargs)
+      if type(module) is nn.Conv:
+        self._conv_outputs[id(out)] = path
+      return out
+    if plan.folded_bn is None and (not plan.quantized or type(module) not in QUANTIZED_COUNTERPART):
       return next_fun(*args, **kwargs)
+    if plan.folded_bn is not None:
+      # Run the float conv (its output feeds the batch statistics) and leave the
+      # quantized, folded computation to the BatchNorm call that consumes it.
+      x_q = quantize_input(module, args[0], plan.act)
+      z = next_fun(*args, **kwargs)
+      self._pending[id(z)] = (module, x_q, plan)
+      return z
     quant_cls = QUANTIZED_COUNTERPART[type(module)]
     layer = quant_cls(**_float_fields(module), weight_quant=plan.weight, act_quant=plan.act, parent=module.scope)
     return layer(*args, **kwargs)
@@ -119,17 +170,17 @@ class QuantizedModel:
   model: nn.Module
   rules: tuple[QuantRule, ...]
 
-  def _needs_full_order(self) -> bool:
-    return any(r.index is not None and r.index < 0 for r in self.rules)
+  def _needs_discovery(self) -> bool:
+    return any((r.index is not None and r.index < 0) or r.fold_bn for r in self.rules)
 
   def _run(self, fn: Callable[[], Any], swap: bool = True, warn: bool = True) -> tuple[Any, _Planner]:
-    order = None
-    if self._needs_full_order():
+    order, pairs = None, None
+    if self._needs_discovery():
       recorder = _Planner(self.rules, None, swap=False)
       with nn.intercept_methods(recorder):
         jax.eval_shape(fn)
-      order = recorder.order
-    planner = _Planner(self.rules, order, swap=swap)
+      order, pairs = recorder.order, recorder.bn_pairs
+    planner = _Planner(self.rules, order, swap=swap, bn_pairs=pairs)
     with nn.intercept_methods(planner):
       out = fn()
     for i in planner.unmatched_rules() if warn else ():
@@ -203,7 +254,7 @@ def summary(qmodel: QuantizedModel, *args, print_fn: Callable[[str], Any] | None
         p.path, p.kind, mode,
         qz.describe(p.weight), str(p.weight.bits) if p.weight is not None else "32",
         qz.describe(p.act), str(p.act.bits) if p.act is not None else "32",
-        p.note or (str(p.rule) if p.rule is not None else "-"),
+        (f"{p.rule}: " if p.rule is not None else "") + (p.note or "") if (p.note or p.rule is not None) else "-",
     ))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   fmt = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths))

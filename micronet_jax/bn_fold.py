@@ -1,0 +1,93 @@
+"""BatchNorm folding into a quantized convolution during QAT (Jacob et al. 2018, §3.2).
+
+For a conv ``z = conv(x, W) + b`` followed by BatchNorm with scale gamma, shift beta,
+statistics (mu, sigma^2) and epsilon, the folded layer is
+
+    W_fold = W * gamma / sqrt(sigma^2 + eps)          (per output channel)
+    b_fold = beta + (b - mu) * gamma / sqrt(sigma^2 + eps)
+    y      = conv(Aq(x), Wq(W_fold)) + b_fold
+
+so the weights that are quantized are the ones an integer deploy uses. Statistics:
+
+* training: the batch mean and the **biased** batch variance of the float output ``z``
+  (the same statistics ``nn.BatchNorm`` normalises with, so with quantization off the
+  folded layer equals conv + BatchNorm; micronet uses the unbiased variance here).
+  Gradients flow through them. The running averages are updated exactly as
+  ``nn.BatchNorm`` does (``ra = momentum * ra + (1 - momentum) * batch``).
+* evaluation, or training with ``batch_stats`` immutable (QAFT, calibration): the
+  running statistics; nothing is updated.
+* ``calib=True`` (micronet's ``bn_fuse_calib``): in training the weights are folded
+  with the running variance and the conv output is rescaled by sigma_run / sigma_batch,
+  so the quantized weights do not jitter with the batch variance.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def fold_batch_norm(
+    kernel: Array, bias: Array | None, scale: Array, beta: Array, mean: Array, var: Array, eps: float
+) -> tuple[Array, Array]:
+  """(W_fold, b_fold) for a kernel whose last axis is the output channel."""
+  inv = scale * jax.lax.rsqrt(var + eps)
+  b = jnp.zeros_like(beta) if bias is None else bias
+  return kernel * inv, beta + (b - mean) * inv
+
+
+def batch_moments(z: Array) -> tuple[Array, Array]:
+  """Mean and biased variance over every axis but the last (channels)."""
+  axes = tuple(range(z.ndim - 1))
+  mean = jnp.mean(z, axes)
+  return mean, jnp.mean(jnp.square(z - mean), axes)
+
+
+def folded_conv_bn(
+    conv: nn.Module, bn: nn.Module, x_q: Array, z: Array, weight_quant: Any, calib: bool,
+    use_running_average: bool,
+) -> Array:
+  """Forward of a conv (already run in float as ``z``) folded into the BN that consumes it.
+
+  ``conv`` and ``bn`` are the bound float modules (their scopes hold the parameters and
+  statistics, under nn.Conv's and nn.BatchNorm's own names); ``x_q`` is the conv's
+  quantized input. Must be called inside ``bn``'s method (it reads/creates BN variables).
+  """
+  kernel = conv.get_variable("params", "kernel")
+  bias = conv.get_variable("params", "bias") if conv.use_bias else None
+  c = kernel.shape[-1]
+  scale = bn.param("scale", bn.scale_init, (c,), bn.param_dtype) if bn.use_scale else jnp.ones((c,))
+  beta = bn.param("bias", bn.bias_init, (c,), bn.param_dtype) if bn.use_bias else jnp.zeros((c,))
+  ra_mean = bn.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+  ra_var = bn.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+
+  train_stats = not use_running_average and bn.is_mutable_collection("batch_stats")
+  if train_stats:
+    mu, var = batch_moments(z)
+    if not bn.is_initializing():
+      m = bn.momentum
+      ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mu)
+      ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
+  else:
+    mu, var = ra_mean.value, ra_var.value
+
+  correction = None
+  if train_stats and calib:
+    w_fold, _ = fold_batch_norm(kernel, bias, scale, beta, ra_mean.value, ra_var.value, bn.epsilon)
+    _, b_fold = fold_batch_norm(kernel, bias, scale, beta, mu, var, bn.epsilon)
+    correction = jnp.sqrt(ra_var.value + bn.epsilon) * jax.lax.rsqrt(var + bn.epsilon)
+  else:
+    w_fold, b_fold = fold_batch_norm(kernel, bias, scale, beta, mu, var, bn.epsilon)
+  if weight_quant is not None:
+    w_fold = weight_quant.fake_quant(w_fold, channel_axis=-1)
+  fields = {f: getattr(conv, f) for f in ("features", "kernel_size", "strides", "padding", "input_dilation",
+                                          "kernel_dilation", "feature_group_count", "precision", "dtype")}
+  y = nn.Conv(**fields, use_bias=False).apply({"params": {"kernel": w_fold}}, x_q)
+  if correction is not None:
+    y = y * correction
+  return y + b_fold
