@@ -16,6 +16,9 @@ import sys
 
 from micronet_jax import data as data_lib
 from micronet_jax import models
+from micronet_jax.observers import OBSERVERS
+
+OBSERVER_CHOICES = tuple(OBSERVERS)
 
 EXIT_USAGE = 2
 
@@ -57,7 +60,14 @@ def _add_train(sub) -> None:
   p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
   p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
   p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size")
-  p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+  p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d.lr}; 1e-5 with --qaft)")
+  p.add_argument("--fold-bn", action="store_true",
+                 help="iao: fold every BatchNorm that directly consumes a conv into the quantized conv")
+  p.add_argument("--observer", default=d.observer, choices=OBSERVER_CHOICES,
+                 help="iao: activation range observer")
+  p.add_argument("--qaft", action="store_true",
+                 help="quantization-aware fine-tuning of a QAT/PTQ run (--from): observers and BatchNorm "
+                 "statistics frozen, weights, gamma and beta train")
   p.add_argument("--weight-decay", type=float, default=d.weight_decay,
                  help="coupled L2 weight decay added to the gradient before Adam (micronet's)")
   p.add_argument("--sparsity", type=float, default=d.sparsity,
@@ -74,8 +84,9 @@ def _add_train(sub) -> None:
 def _train(args: argparse.Namespace) -> int:
   from micronet_jax.experiment import ConfigError, TrainConfig, read_config, run
 
+  d = TrainConfig()
   try:
-    src = read_config(args.from_run) if args.from_run else TrainConfig()
+    src = read_config(args.from_run) if args.from_run else d
   except ConfigError as e:
     raise UsageError(f"--from: {e}") from None
   model = args.model or src.model
@@ -88,7 +99,11 @@ def _train(args: argparse.Namespace) -> int:
         model=model, model_cfg=model_cfg, dataset=args.dataset or src.dataset, data_dir=args.data_dir,
         quant=args.quant, sparsity=args.sparsity, from_run=args.from_run,
         w_bits=args.w_bits, a_bits=args.a_bits, epochs=args.epochs, batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size, lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
+        eval_batch_size=args.eval_batch_size, weight_decay=args.weight_decay, seed=args.seed,
+        lr=args.lr if args.lr is not None else (1e-5 if args.qaft else d.lr),
+        fold_bn=args.fold_bn or (src.fold_bn and args.quant == src.quant), qaft=args.qaft,
+        observer=args.observer if args.observer != d.observer else (src.observer if args.quant == src.quant
+                                                                     else d.observer),
         out=out, limit_train=args.limit_train, limit_test=args.limit_test,
     )
   except ValueError as e:
@@ -101,6 +116,52 @@ def _train(args: argparse.Namespace) -> int:
         f"| {m['label']} | {m['epochs']} | {100 * m['test_accuracy']:.2f}% | "
         f"{100 * m['best_test_accuracy']:.2f}% | {m['seconds_per_epoch']:.1f} |")
   print(f"wrote {out}/metrics.json and {out}/checkpoint")
+  return 0
+
+
+def _add_ptq(sub) -> None:
+  from micronet_jax.calibrate import METHODS
+
+  p = sub.add_parser(
+      "ptq",
+      help="post-training quantization of a float run (calibrate, freeze, evaluate)",
+      description="Post-training IAO quantization: run calibration batches from the training set through "
+      "the activation observers (the model in evaluation mode: BatchNorm statistics untouched, nothing "
+      "trains), freeze the ranges, report test accuracy before and after, and write a run directory "
+      "that `train --from OUT --qaft` fine-tunes.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  p.add_argument("--from", dest="from_run", required=True, metavar="RUN_DIR", help="float run to quantize")
+  p.add_argument("--method", default="percentile", choices=METHODS,
+                 help="range observer: percentile of |x| (micronet's), minmax, moving_average, or mse "
+                 "(MSE-optimal clipping)")
+  p.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..16")
+  p.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..16")
+  p.add_argument("--batches", type=int, default=200, help="calibration batches")
+  p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
+  p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm separate (default: fold into convs)")
+  p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files")
+  p.add_argument("--seed", type=int, default=0, help="seed of the calibration batch order")
+  p.add_argument("--out", required=True, help="run directory to write")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  p.set_defaults(func=_ptq)
+
+
+def _ptq(args: argparse.Namespace) -> int:
+  from micronet_jax.experiment import ConfigError, ptq_run
+  from micronet_jax.quantizers import MAX_BITS, MIN_BITS
+
+  for name in ("w_bits", "a_bits"):
+    if not MIN_BITS <= getattr(args, name) <= MAX_BITS:
+      raise UsageError(f"--{name.replace('_', '-')} must be in {MIN_BITS}..{MAX_BITS}, got {getattr(args, name)}")
+  if args.batches < 1 or args.batch_size < 1:
+    raise UsageError("--batches and --batch-size must be at least 1")
+  try:
+    ptq_run(args.from_run, args.out, args.method, args.w_bits, args.a_bits, args.batches, args.batch_size,
+            not args.no_fold_bn, args.data_dir, args.seed, progress=not args.no_progress)
+  except ConfigError as e:
+    raise UsageError(str(e)) from None
+  print(f"wrote {args.out} (fine-tune it with: micronet-jax train --from {args.out} --quant iao --qaft ...)")
   return 0
 
 
@@ -148,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   _add_train(sub)
   _add_prune(sub)
+  _add_ptq(sub)
   return parser
 
 

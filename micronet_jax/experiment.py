@@ -21,6 +21,8 @@ import optax
 
 from micronet_jax import data as data_lib
 from micronet_jax import models, prune as prune_lib, rules as rules_lib, train as train_lib
+from micronet_jax.calibrate import calibrate, make_observer
+from micronet_jax.observers import OBSERVERS as OBSERVER_NAMES
 from micronet_jax.quantizers import MAX_BITS, MIN_BITS
 from micronet_jax.stats import model_stats
 from micronet_jax.transform import QuantizedModel, quantize_model, quantize_variables, summary
@@ -48,6 +50,9 @@ class TrainConfig:
   lr: float = 1e-3
   weight_decay: float = 0.0
   sparsity: float = 0.0  # network-slimming L1 strength on BatchNorm scales
+  observer: str = "moving_average"  # iao activation observer / calibration method
+  fold_bn: bool = False  # iao: fold BatchNorms that directly consume a conv
+  qaft: bool = False  # fine-tune with observers and BatchNorm statistics frozen
   seed: int = 0
   out: str = "runs/lenet-iao-w8a8"
   from_run: str | None = None
@@ -84,6 +89,10 @@ class TrainConfig:
     for name in ("limit_train", "limit_test"):
       if getattr(self, name) is not None and getattr(self, name) < 1:
         raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+    if self.observer not in OBSERVER_NAMES:
+      raise ValueError(f"unknown observer {self.observer!r}; choose one of {list(OBSERVER_NAMES)}")
+    if self.qaft and self.quant == "float":
+      raise ValueError("qaft fine-tunes a quantized model: choose --quant (and --from a QAT or PTQ run)")
 
   @property
   def label(self) -> str:
@@ -102,7 +111,11 @@ def build(config: TrainConfig, num_classes: int = 10):
     model = models.get_model(config.model, num_classes=num_classes, **kwargs)
   except TypeError:
     raise ConfigError(f"model {config.model} takes no channel config") from None
-  rules = rules_lib.preset(config.quant, config.w_bits, config.a_bits)
+  if config.quant == "iao":
+    rules = rules_lib.iao_rules(config.w_bits, config.a_bits, fold_bn=config.fold_bn,
+                                observer=make_observer(config.observer, config.a_bits))
+  else:
+    rules = rules_lib.preset(config.quant, config.w_bits, config.a_bits)
   return model, (quantize_model(model, rules) if rules else model)
 
 
@@ -136,7 +149,8 @@ def _start_variables(config: TrainConfig, net: Any, x0: jax.Array, log: Callable
   if (src.model, src.model_cfg) != (config.model, config.model_cfg):
     raise ConfigError(f"--from {config.from_run} holds {src.model} cfg={src.model_cfg}, "
                       f"not {config.model} cfg={config.model_cfg}")
-  same_quant = (src.quant, src.w_bits, src.a_bits) == (config.quant, config.w_bits, config.a_bits)
+  quant_fields = lambda c: (c.quant, c.w_bits, c.a_bits, c.observer, c.fold_bn)
+  same_quant = quant_fields(src) == quant_fields(config)
   if same_quant:
     log(f"starting from {config.from_run} ({src.label}), observers included")
     return variables
@@ -163,7 +177,9 @@ def run(config: TrainConfig, progress: bool = True, log: Callable[[str], Any] = 
   tx = train_lib.make_optimizer(config.lr, config.weight_decay)
   if config.sparsity:
     tx = optax.chain(prune_lib.bn_sparsity(config.sparsity), tx)
-  state = train_lib.create_train_state(net.apply, variables, tx, seed=config.seed)
+  # QAFT: observers and BatchNorm statistics stay as the QAT/PTQ run left them.
+  frozen = ("quant_stats", "batch_stats") if config.qaft else ()
+  state = train_lib.create_train_state(net.apply, variables, tx, seed=config.seed, frozen=frozen)
   log(f"{config.label}: {config.model} on {config.dataset} ({len(dataset.x_train)} train / "
       f"{len(dataset.x_test)} test, from {dataset.source}), {config.epochs} epochs, batch {config.batch_size}")
   start = time.perf_counter()
@@ -239,4 +255,48 @@ def prune_run(from_run: str, out: str, percent: float, regular: int = 1, compens
       f"| masked (gamma, beta of pruned = 0) | {before.params:,} | {before.macs / 1e6:.2f} | "
       f"{100 * metrics['test_accuracy_masked']:.2f}% |\n"
       f"| pruned | {after.params:,} | {after.macs / 1e6:.2f} | {100 * metrics['test_accuracy']:.2f}% |")
+  return metrics
+
+
+def ptq_run(from_run: str, out: str, method: str = "percentile", w_bits: int = 8, a_bits: int = 8,
+            num_batches: int = 200, batch_size: int = 32, fold_bn: bool = True, data_dir: str | None = None,
+            seed: int = 0, progress: bool = True, log: Callable[[str], Any] = print) -> dict:
+  """Post-training quantization of a float run: calibrate IAO observers, freeze, report.
+
+  Calibration batches are ``num_batches`` shuffled training batches of ``batch_size``
+  (no augmentation). Reports test accuracy of the float and of the quantized model.
+  """
+  src, model, variables = load_run(from_run)
+  if src.quant != "float":
+    raise ConfigError(f"{from_run} is a {src.label} run; PTQ starts from a float run")
+  config = dataclasses.replace(src, quant="iao", w_bits=w_bits, a_bits=a_bits, observer=method, fold_bn=fold_bn,
+                               from_run=from_run, out=out, data_dir=data_dir or src.data_dir, seed=seed)
+  dataset = data_lib.load(config.dataset, config.data_dir)
+  _, qmodel = build(config, dataset.num_classes)
+  x0 = config.example_input()
+  qvars = quantize_variables(qmodel, variables, x0, train=False)
+  if num_batches * batch_size > len(dataset.x_train):
+    raise ConfigError(f"{num_batches} batches of {batch_size} exceed the training set ({len(dataset.x_train)})")
+  batches = (x for x, _ in data_lib.train_batches(dataset.x_train, dataset.y_train, batch_size, seed=seed))
+  start = time.perf_counter()
+  qvars = calibrate(qmodel, qvars, batches, num_batches, progress=progress)
+  seconds = time.perf_counter() - start
+
+  def accuracy(m, v):
+    state = train_lib.create_train_state(m.apply, v, optax.identity())
+    return train_lib.evaluate(state, dataset.x_test, dataset.y_test, src.eval_batch_size)["accuracy"]
+
+  metrics = {
+      "label": f"PTQ {method} W{w_bits}A{a_bits}" + (", BN folding on" if fold_bn else ""),
+      "method": method, "calibration_batches": num_batches, "calibration_batch_size": batch_size,
+      "calibration_seconds": seconds,
+      "float_test_accuracy": accuracy(model, variables),
+      "test_accuracy": accuracy(qmodel, qvars),
+      "model_stats": model_stats(qmodel, qvars, x0, train=False).row(),
+      "config": dataclasses.asdict(config), "versions": train_lib.package_versions(),
+  }
+  metrics["best_test_accuracy"] = metrics["test_accuracy"]
+  write_run(out, config, qvars, metrics)
+  log(f"| model | test acc |\n|---|---|\n| float | {100 * metrics['float_test_accuracy']:.2f}% |\n"
+      f"| {metrics['label']} | {100 * metrics['test_accuracy']:.2f}% |")
   return metrics

@@ -91,13 +91,7 @@ class MovingAverageMinMax:
 
   def update(self, state: RangeState, x: Array, axes: Sequence[int] | None) -> RangeState:
     lo, hi = batch_range(x, axes)
-    m = self.momentum
-    first = ~state.initialized
-    return RangeState(
-        min=jnp.where(first, lo, (1.0 - m) * state.min + m * lo),
-        max=jnp.where(first, hi, (1.0 - m) * state.max + m * hi),
-        initialized=jnp.ones((), jnp.bool_),
-    )
+    return _moving(state, lo, hi, self.momentum)
 
 
 def current_or_observed(state: RangeState, x: Array, axes: Sequence[int] | None) -> tuple[Array, Array]:
@@ -108,3 +102,90 @@ def current_or_observed(state: RangeState, x: Array, axes: Sequence[int] | None)
   """
   lo, hi = batch_range(x, axes)
   return (jnp.where(state.initialized, state.min, lo), jnp.where(state.initialized, state.max, hi))
+
+
+def kth_abs(x: Array, p: float) -> Array:
+  """micronet's percentile: the k-th smallest |x| with k = int(p * N) (1-indexed, k >= 1)."""
+  flat = jnp.abs(jax.lax.stop_gradient(x).astype(jnp.float32)).ravel()
+  k = max(int(p * flat.size), 1)
+  return jnp.sort(flat)[k - 1]
+
+
+def _signed_range(x: Array, c: Array) -> tuple[Array, Array]:
+  """[-c, c] when x has negative values, [0, c] otherwise (a ReLU output)."""
+  has_negative = jnp.min(jax.lax.stop_gradient(x)) < 0
+  return jnp.where(has_negative, -c, 0.0), c
+
+
+def _moving(state: RangeState, lo: Array, hi: Array, momentum: float) -> RangeState:
+  first = ~state.initialized
+  return RangeState(
+      min=jnp.where(first, lo, (1.0 - momentum) * state.min + momentum * lo),
+      max=jnp.where(first, hi, (1.0 - momentum) * state.max + momentum * hi),
+      initialized=jnp.ones((), jnp.bool_),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Percentile:
+  """Calibration observer: clip at the p-th percentile of |x| (micronet's PTQ, p = 0.999999),
+  moving-averaged over batches. Per tensor only."""
+
+  p: float = 0.999999
+  momentum: float = 0.1
+
+  def __post_init__(self):
+    if not 0.0 < self.p <= 1.0:
+      raise ValueError(f"Percentile.p must be in (0, 1], got {self.p}")
+
+  def init(self, shape: Sequence[int] = ()) -> RangeState:
+    return empty_range(shape)
+
+  def update(self, state: RangeState, x: Array, axes: Sequence[int] | None) -> RangeState:
+    if axes is not None:
+      raise ValueError("Percentile observes whole tensors (per-tensor quantization only)")
+    lo, hi = _signed_range(x, kth_abs(x, self.p))
+    return _moving(state, lo, hi, self.momentum)
+
+
+@dataclasses.dataclass(frozen=True)
+class MSEClip:
+  """Calibration observer: the clipping value c in {k/K * max|x|} that minimises the mean
+  squared error of ``bits``-bit quantization of the batch, moving-averaged over batches.
+
+  The grid is [0, c] with 2^b - 1 steps for non-negative tensors and [-c, c] otherwise,
+  which matches the asymmetric quantizer on ReLU outputs and is close to it elsewhere.
+  """
+
+  bits: int = 8
+  candidates: int = 64
+  momentum: float = 0.1
+
+  def init(self, shape: Sequence[int] = ()) -> RangeState:
+    return empty_range(shape)
+
+  def update(self, state: RangeState, x: Array, axes: Sequence[int] | None) -> RangeState:
+    if axes is not None:
+      raise ValueError("MSEClip observes whole tensors (per-tensor quantization only)")
+    x = jax.lax.stop_gradient(x).astype(jnp.float32).ravel()
+    nonneg = jnp.min(x) >= 0
+    top = jnp.maximum(jnp.max(jnp.abs(x)), 1e-12)
+    levels = 2.0**self.bits - 1
+
+    def mse(c):
+      step = jnp.where(nonneg, c / levels, 2 * c / levels)
+      lo = jnp.where(nonneg, 0.0, -c)
+      q = jnp.clip(jnp.round((x - lo) / step), 0, levels) * step + lo
+      return jnp.mean(jnp.square(q - x))
+
+    cs = top * jnp.arange(1, self.candidates + 1, dtype=jnp.float32) / self.candidates
+    best = cs[jnp.argmin(jax.lax.map(mse, cs))]
+    return _moving(state, jnp.where(nonneg, 0.0, -best), best, self.momentum)
+
+
+OBSERVERS = {
+    "minmax": MinMax,
+    "moving_average": MovingAverageMinMax,
+    "percentile": Percentile,
+    "mse": MSEClip,
+}

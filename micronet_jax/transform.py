@@ -106,12 +106,17 @@ class _Planner:
 
   def _batch_norm(self, next_fun: Callable, args, kwargs, module: nn.BatchNorm) -> Any:
     x = args[0] if args else kwargs.get("x")
+    call_ura = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+    ura = nn.merge_param("use_running_average", module.use_running_average, call_ura)
     pending = self._pending.pop(id(x), None)
     if pending is None:
+      if not ura and not module.is_mutable_collection("batch_stats") and not module.is_initializing():
+        # Statistics frozen (QAFT): a BatchNorm in training mode normalises with its
+        # running statistics instead of failing to update them.
+        frozen = nn.BatchNorm(**{**_float_fields(module), "use_running_average": True}, parent=module.scope)
+        return frozen(x, mask=kwargs.get("mask"))
       return next_fun(*args, **kwargs)
     conv, x_q, plan = pending
-    ura = nn.merge_param("use_running_average", module.use_running_average,
-                         kwargs.get("use_running_average", args[1] if len(args) > 1 else None))
     self._own_calls += 1
     try:
       return folded_conv_bn(conv, module, x_q, x, plan.weight, self.rules[plan.rule].bn_calib, ura)

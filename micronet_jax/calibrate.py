@@ -1,0 +1,69 @@
+"""Post-training quantization: run calibration batches through the observers, freeze.
+
+``calibrate(qmodel, variables, batches)`` applies the quantized model in evaluation
+mode (``train=False``: BatchNorm uses and keeps its running statistics, dropout is off,
+nothing trains) with only ``quant_stats`` mutable, so the observers, and nothing else,
+see the calibration data. The returned variables evaluate with the frozen ranges.
+
+Methods (``ptq_rules(method=...)``): ``minmax``, ``moving_average``, ``percentile``
+(micronet's: |x| at p = 0.999999, moving average 0.1) and ``mse`` (the clipping value
+that minimises the batch's quantization MSE, moving-averaged).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from micronet_jax import observers as obs
+from micronet_jax.rules import QuantRule, iao_rules
+from micronet_jax.transform import QuantizedModel
+
+METHODS = tuple(obs.OBSERVERS)
+
+
+def make_observer(method: str, a_bits: int = 8, percentile: float = 0.999999) -> obs.Observer:
+  if method not in obs.OBSERVERS:
+    raise ValueError(f"unknown calibration method {method!r}; choose one of {list(METHODS)}")
+  if method == "percentile":
+    return obs.Percentile(percentile)
+  if method == "mse":
+    return obs.MSEClip(bits=a_bits)
+  return obs.OBSERVERS[method]()
+
+
+def ptq_rules(method: str = "percentile", w_bits: int = 8, a_bits: int = 8, *, fold_bn: bool = True,
+              percentile: float = 0.999999) -> tuple[QuantRule, ...]:
+  """IAO rules whose activation observers use a calibration method."""
+  return iao_rules(w_bits, a_bits, observer=make_observer(method, a_bits, percentile), fold_bn=fold_bn)
+
+
+def calibrate(
+    qmodel: QuantizedModel, variables: dict, batches: Iterable[np.ndarray], num_batches: int | None = None,
+    progress: bool = False, **apply_kwargs: Any,
+) -> dict:
+  """Feeds ``batches`` (inputs only) through the observers and returns the variables with
+  the calibrated ``quant_stats``. Parameters and ``batch_stats`` are returned unchanged.
+
+  ``apply_kwargs`` go to the model (default ``train=False``).
+  """
+  apply_kwargs = {"train": False, **apply_kwargs}
+
+  @jax.jit
+  def observe(stats, x):
+    _, upd = qmodel.apply({**variables, "quant_stats": stats}, x, mutable=["quant_stats"], **apply_kwargs)
+    return upd["quant_stats"]
+
+  stats = variables["quant_stats"]
+  seen = 0
+  for x in tqdm(batches, total=num_batches, desc="calibrating", disable=not progress, leave=False):
+    if num_batches is not None and seen >= num_batches:
+      break
+    stats = observe(stats, x)
+    seen += 1
+  if seen == 0:
+    raise ValueError("calibration needs at least one batch")
+  return {**variables, "quant_stats": stats}
