@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from micronet_jax import ops
 from micronet_jax import quantizers as qz
 from micronet_jax.bn_fold import folded_conv_bn
 from micronet_jax.layers import (LAYER_KIND, QUANTIZED_COUNTERPART, QuantConv, QuantConvTranspose, QuantDense,
@@ -104,6 +105,24 @@ class _Planner:
     folded = self.bn_pairs.get(path) if rule.fold_bn and kind == "conv" else None
     return LayerPlan(path, kind, i, rule.weight, rule.act, "BatchNorm folded" if folded else "", folded)
 
+  def _add(self, next_fun: Callable, args, kwargs, module: ops.Add) -> Any:
+    path = "/".join(module.scope.path)
+    plan = self.plans.get(path)
+    if plan is None:
+      if module.act_quant is not None:
+        plan = LayerPlan(path, "add", None, None, module.act_quant, "hand-written quantized add")
+      else:
+        if (path, "add") not in self.order:
+          self.order.append((path, "add"))
+        positions, counts = self._positions(path)
+        i = first_match(self.rules, path, "add", positions, counts)
+        act = self.rules[i].act if i is not None else None
+        plan = LayerPlan(path, "add", i, None, act, "" if i is not None else "no rule matched")
+      self.plans[path] = plan
+    if not self.swap or plan.act is None or module.act_quant is not None:
+      return next_fun(*args, **kwargs)
+    return ops.Add(act_quant=plan.act, parent=module.scope)(*args, **kwargs)
+
   def _batch_norm(self, next_fun: Callable, args, kwargs, module: nn.BatchNorm) -> Any:
     x = args[0] if args else kwargs.get("x")
     call_ura = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
@@ -135,6 +154,8 @@ class _Planner:
           self.bn_pairs.setdefault(conv_path, "/".join(module.scope.path))
         return next_fun(*args, **kwargs)
       return self._batch_norm(next_fun, args, kwargs, module)
+    if isinstance(module, ops.Add):
+      return self._add(next_fun, args, kwargs, module)
     if not isinstance(module, tuple(LAYER_KIND)):
       return next_fun(*args, **kwargs)
     path = "/".join(module.scope.path)

@@ -6,9 +6,9 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from micronet_jax.models.nin import batch_norm
+from micronet_jax.ops import Add, global_avg_pool
 
 
 class BasicBlock(nn.Module):
@@ -21,7 +21,7 @@ class BasicBlock(nn.Module):
     y = nn.relu(batch_norm(train)(y))
     y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False)(y)
     y = batch_norm(train)(y)
-    return nn.relu(y + _shortcut(x, self.features, self.strides, train))
+    return nn.relu(Add()(y, _shortcut(x, self.features, self.strides, train)))
 
 
 class BottleNeck(nn.Module):
@@ -34,7 +34,7 @@ class BottleNeck(nn.Module):
     y = nn.Conv(self.features, (3, 3), strides=self.strides, padding=1, use_bias=False)(y)
     y = nn.relu(batch_norm(train)(y))
     y = batch_norm(train)(nn.Conv(self.features * 4, (1, 1), use_bias=False)(y))
-    return nn.relu(y + _shortcut(x, self.features * 4, self.strides, train))
+    return nn.relu(Add()(y, _shortcut(x, self.features * 4, self.strides, train)))
 
 
 def _shortcut(x: jax.Array, features: int, strides: int, train: bool) -> jax.Array:
@@ -61,7 +61,7 @@ class ResNet(nn.Module):
     for stage, (n, width) in enumerate(zip(self.stages, self.widths)):
       for i in range(n):
         x = self.block(width, strides=2 if stage > 0 and i == 0 else 1, name=f"layer{stage + 1}_{i}")(x, train)
-    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+    return nn.Dense(self.num_classes)(global_avg_pool(x))
 
 
 def resnet18(num_classes: int = 10) -> ResNet:

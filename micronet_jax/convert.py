@@ -1,0 +1,374 @@
+"""Integer-only deployment: QAT/PTQ variables -> int8/int32 deploy pytree -> integer forward.
+
+``convert(qmodel, variables, x)`` returns a ``Deploy``: per quantized layer int8 weights
+(symmetric, per output channel), int32 biases (scale S_in * S_w), the input zero point
+and int32 fixed-point requantization multipliers and shifts; no float weights. The only
+float numbers kept are the per-class scales that turn the final int32 accumulators into
+logits at the very end.
+
+``integer_apply(deploy, x_q)`` runs the model's own code with every quantized layer
+answered by integer arithmetic:
+
+* values between layers are int32 accumulators (real = scale * acc, real 0 = acc 0),
+  so ReLU, max-pooling, reshapes, channel shuffles and concatenations act on them as
+  they do on floats, and ``ops.global_avg_pool`` averages them with integer rounding;
+* a layer requantizes its input from the producer's scale to its own input grid with
+  ``q = clip(((acc * m) >> s) + Z)`` (int32 only: see ``rounding_mul_shift``), moves it
+  to int8, pads with the zero point and runs ``lax.conv_general_dilated`` /
+  ``lax.dot_general`` on int8 with int32 accumulation, then subtracts Z * sum(w) and
+  adds the int32 bias;
+* ``ops.Add`` requantizes both inputs to its shared grid and adds in int32;
+* a BatchNorm folded during QAT is already inside its conv's weights and bias.
+
+Which producer (and which of its channels) feeds every element of a layer's input is
+found once, in ``convert``, by running the model on "tag" tensors: each producer emits
+a distinct integer per channel, and the ops in between carry the tags to the consumer.
+An op that does not (a float-only op, a zero-padded average) is reported by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from flax.linen.linear import canonicalize_padding
+
+from micronet_jax import ops
+from micronet_jax import quantizers as qz
+from micronet_jax.bn_fold import fold_batch_norm
+from micronet_jax.transform import LayerPlan, QuantizedModel
+
+Array = jax.Array
+TAG = 4096  # tag = producer * TAG + channel + 1: exact in float32 up to 4096 producers/channels
+MULT_BITS = 15  # requantization multipliers m in [2^14, 2^15)
+
+
+# ----------------------------------------------------------------------------- fixed point
+
+
+def quantize_multiplier(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """real > 0 -> (m, s) int32 with real ~= m * 2^-s, m in [2^14, 2^15) (relative error < 2^-15)."""
+  real = np.asarray(real, np.float64)
+  if np.any(real <= 0) or not np.all(np.isfinite(real)):
+    raise ValueError("requantization multipliers must be positive and finite")
+  exp = np.floor(np.log2(real)).astype(np.int64)
+  s = (MULT_BITS - 1) - exp
+  m = np.round(real * np.exp2(s)).astype(np.int64)
+  top = m >= 2**MULT_BITS  # rounding reached 2^15
+  m = np.where(top, m // 2, m)
+  s = np.where(top, s - 1, s)
+  if np.any(s < 0) or np.any(s > 62):
+    raise ValueError(f"requantization multiplier out of range: {real.min():.3g}..{real.max():.3g}")
+  return m.astype(np.int32), s.astype(np.int32)
+
+
+def rounding_mul_shift(acc: Array, m: Array, s: Array) -> Array:
+  """floor((acc * m + 2^(s-1)) / 2^s) in int32 arithmetic only, saturating.
+
+  ``acc`` int32, ``m`` in [0, 2^15), ``s`` in [0, 62] (broadcasting). The 47-bit product
+  is split as acc = A 2^16 + B, so every partial product fits in int32.
+  """
+  acc, m, s = jnp.asarray(acc, jnp.int32), jnp.asarray(m, jnp.int32), jnp.asarray(s, jnp.int32)
+  a_hi = acc >> 16
+  b_lo = acc & 0xFFFF
+  q = b_lo * m  # < 2^31
+  t = a_hi * m + (q >> 16)  # acc * m = t 2^16 + (q & 0xFFFF)
+  q_lo = q & 0xFFFF
+  # s >= 16: floor((t 2^16 + q_lo + 2^(s-1)) / 2^s) = (t + [(q_lo + 2^(s-1)) >> 16]) >> (s - 16)
+  s_hi = jnp.maximum(s - 16, 0)
+  carry = jnp.where(s > 16, jnp.left_shift(1, jnp.clip(s - 17, 0, 30)), (q_lo + (1 << 15)) >> 16)
+  big = jnp.right_shift(t + carry, jnp.minimum(s_hi, 31))
+  # s < 16: t 2^(16-s) + floor((q_lo + 2^(s-1)) / 2^s), with t saturated first
+  lim = jnp.left_shift(1, jnp.clip(14 + s, 0, 30))
+  half = jnp.where(s > 0, jnp.left_shift(1, jnp.clip(s - 1, 0, 30)), 0)
+  small = jnp.left_shift(jnp.clip(t, -lim, lim), jnp.clip(16 - s, 0, 16)) + jnp.right_shift(q_lo + half, jnp.clip(s, 0, 15))
+  return jnp.where(s >= 16, big, small)
+
+
+# ----------------------------------------------------------------------------- deploy pytree
+
+
+@struct.dataclass
+class Deploy:
+  """Integer deploy artifact. ``layers[path]`` holds int arrays only; ``out_scale`` turns
+  the final int32 accumulators into logits. ``model`` and ``apply_kwargs`` are static."""
+
+  layers: dict[str, dict[str, Array]]
+  out_scale: Array
+  input_scale: float = struct.field(pytree_node=False)
+  input_zero_point: int = struct.field(pytree_node=False)
+  input_range: tuple[int, int] = struct.field(pytree_node=False)
+  model: nn.Module = struct.field(pytree_node=False)
+  apply_kwargs: tuple = struct.field(pytree_node=False, default=())
+  folded_bns: tuple[str, ...] = struct.field(pytree_node=False, default=())
+
+  def quantize_input(self, x: Any) -> Array:
+    """Float input -> integers on the first layer's input grid (uint8 or int8)."""
+    lo, hi = self.input_range
+    q = np.clip(np.sign(x / self.input_scale) * np.floor(np.abs(x / self.input_scale) + 0.5)
+                + self.input_zero_point, lo, hi)
+    return jnp.asarray(q.astype(np.uint8 if lo >= 0 else np.int8))
+
+  def nbytes(self) -> int:
+    return int(sum(np.asarray(a).nbytes for a in jax.tree.leaves((self.layers, self.out_scale))))
+
+
+def _is_int(x: Array) -> bool:
+  return jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer)
+
+
+def _requantize(acc: Array, p: dict) -> Array:
+  """int32 accumulators -> int8 codes minus the int8 offset on this layer's input grid."""
+  q = rounding_mul_shift(acc, p["req_m"], p["req_s"]) + p["in_zp"]
+  q = jnp.clip(q, p["in_qmin"], p["in_qmax"])
+  return (q - p["in_offset"]).astype(jnp.int8)
+
+
+def _int_layer(module: nn.Module, p: dict, x_acc: Array) -> Array:
+  q8 = _requantize(x_acc, p)
+  zp8 = (p["in_zp"] - p["in_offset"]).astype(jnp.int8)
+  w = p["w"]
+  if isinstance(module, nn.Dense):
+    acc = jax.lax.dot_general(q8, w, (((q8.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+  else:
+    rank = w.ndim - 2
+    strides, dil = _per_dim(module.strides, rank), _per_dim(module.kernel_dilation, rank)
+    pad = canonicalize_padding(module.padding, rank)
+    if pad in ("SAME", "VALID"):
+      window = [(k - 1) * d + 1 for k, d in zip(w.shape[:rank], dil)]
+      pad = jax.lax.padtype_to_pads(q8.shape[1:1 + rank], window, strides, pad)
+    q8 = jnp.pad(q8, [(0, 0), *pad, (0, 0)], constant_values=zp8)  # real zero, as in float
+    nd = q8.ndim
+    spatial = tuple(range(1, nd - 1))
+    dn = jax.lax.ConvDimensionNumbers((0, nd - 1, *spatial), (nd - 1, nd - 2, *range(nd - 2)), (0, nd - 1, *spatial))
+    acc = jax.lax.conv_general_dilated(q8, w, strides, "VALID", rhs_dilation=dil, dimension_numbers=dn,
+                                       feature_group_count=module.feature_group_count,
+                                       preferred_element_type=jnp.int32)
+  return acc - zp8.astype(jnp.int32) * p["w_sum"] + p["bias"]
+
+
+def _per_dim(v: Any, rank: int) -> tuple[int, ...]:
+  if v is None:
+    return (1,) * rank
+  return tuple(v) if isinstance(v, (tuple, list)) else (v,) * rank
+
+
+def _int_add(p: dict, a: Array, b: Array) -> Array:
+  qa = _requantize(a, {**p, "req_m": p["req_m_a"], "req_s": p["req_s_a"]}).astype(jnp.int32)
+  qb = _requantize(b, {**p, "req_m": p["req_m_b"], "req_s": p["req_s_b"]}).astype(jnp.int32)
+  zp8 = p["in_zp"] - p["in_offset"]
+  return (qa - zp8) + (qb - zp8)
+
+
+class _IntegerInterceptor:
+
+  def __init__(self, deploy: Deploy):
+    self.d = deploy
+
+  def __call__(self, next_fun, args, kwargs, context):
+    module, path = context.module, "/".join(context.module.scope.path)
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    if isinstance(module, nn.BatchNorm) and path in self.d.folded_bns:
+      return args[0]
+    if isinstance(module, ops.Add) and path in self.d.layers:
+      for v in args:
+        _check_int(v, path)
+      return _int_add(self.d.layers[path], *args)
+    if isinstance(module, (nn.Dense, nn.Conv, nn.ConvTranspose)):
+      if path not in self.d.layers:
+        raise ValueError(f"layer {path} has no integer version (it is float in the quantized model)")
+      _check_int(args[0], path)
+      return _int_layer(module, self.d.layers[path], args[0])
+    return next_fun(*args, **kwargs)
+
+
+def _check_int(x: Array, path: str) -> None:
+  if not _is_int(x):
+    raise ValueError(f"layer {path} receives a {jnp.asarray(x).dtype} tensor in integer inference: an op "
+                     "before it is float-only (use micronet_jax.ops helpers for averages and residual adds)")
+
+
+def integer_apply(deploy: Deploy, x_q: Array, dequantize: bool = True) -> Array:
+  """Runs the integer network on ``x_q`` (from ``deploy.quantize_input``).
+
+  Returns float logits ``out_scale * acc`` (the one float multiply, at the end), or the
+  int32 accumulators with ``dequantize=False``.
+  """
+  if not _is_int(x_q):
+    raise ValueError(f"integer_apply expects uint8/int8 input (deploy.quantize_input), got {x_q.dtype}")
+  acc = x_q.astype(jnp.int32) - deploy.input_zero_point
+  with nn.intercept_methods(_IntegerInterceptor(deploy)):
+    out = deploy.model.apply({}, acc, **dict(deploy.apply_kwargs))
+  return out * deploy.out_scale if dequantize else out
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+@dataclasses.dataclass
+class _Producer:
+  name: str
+  scale: np.ndarray  # per output channel, float64
+
+
+class _TagTracer:
+  """Runs the float-shaped model on tags to find, for every consumer, which producer
+  channel feeds each element of its input."""
+
+  def __init__(self, plans: dict[str, LayerPlan]):
+    self.plans = plans
+    self.producers: list[str] = ["<input>"]
+    self.inputs: dict[str, list[np.ndarray]] = {}  # consumer path -> decoded (producer, channel) per input
+    self.modules: dict[str, nn.Module] = {}
+    self.skip_bn: set[str] = {p.folded_bn for p in plans.values() if p.folded_bn}
+    self.bn_eps: dict[str, float] = {}
+
+  def _decode(self, x: Array, path: str) -> np.ndarray:
+    t = np.asarray(x[0], np.float64) - 1
+    prod, chan = np.floor_divide(t, TAG), np.mod(t, TAG)
+    if np.any(t < 0) or np.any(t != np.round(t)) or np.any(prod >= len(self.producers)):
+      raise ValueError(f"the input of {path} is not a quantized tensor carried unchanged from a layer: an op "
+                       "between layers is not integer-exact (e.g. a zero-padded average, a float-only op). "
+                       "Use micronet_jax.ops helpers.")
+    return np.stack([prod, chan], -1).astype(np.int64)
+
+  def _emit(self, path: str, shape: tuple[int, ...]) -> Array:
+    k = len(self.producers)
+    self.producers.append(path)
+    return jnp.broadcast_to(jnp.arange(shape[-1], dtype=jnp.float32) + k * TAG + 1, shape)
+
+  def __call__(self, next_fun, args, kwargs, context):
+    module, path = context.module, "/".join(context.module.scope.path)
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    if isinstance(module, nn.BatchNorm) and path in self.skip_bn:
+      self.bn_eps[path] = module.epsilon
+      return args[0]
+    is_add = isinstance(module, ops.Add)
+    if not is_add and not isinstance(module, (nn.Dense, nn.Conv, nn.ConvTranspose)):
+      return next_fun(*args, **kwargs)
+    plan = self.plans.get(path)
+    if plan is None or plan.act is None or (not is_add and plan.weight is None):
+      raise ValueError(f"layer {path} is not fully quantized; integer conversion needs weights and inputs "
+                       "of every layer quantized")
+    self.modules[path] = module
+    self.inputs[path] = [self._decode(a, path) for a in (args if is_add else args[:1])]
+    out = args[0] if is_add else next_fun(*args, **kwargs)
+    return self._emit(path, out.shape)
+
+
+def _input_qparams(plan: LayerPlan, stats: Any) -> tuple[float, int, int, int]:
+  q = plan.act
+  if not isinstance(q, qz.AffineActivation):
+    raise ValueError(f"integer conversion supports affine (IAO) activations, not {type(q).__name__}")
+  if q.bits > 8:
+    raise ValueError(f"integer conversion needs activations of at most 8 bits, got {q.bits}")
+  if not bool(stats.initialized):
+    raise ValueError("observer never saw data: train or calibrate before converting")
+  scale, zp = q.qparams(stats)
+  qmin, qmax = q.int_range()
+  return float(scale), int(zp), qmin, qmax
+
+
+def convert(qmodel: QuantizedModel, variables: dict, x: Array, **apply_kwargs: Any) -> Deploy:
+  """QAT/PTQ variables -> ``Deploy`` (see the module docstring). ``x``: an example input."""
+  apply_kwargs = {"train": False, **apply_kwargs}
+  plans = {p.path: p for p in qmodel.plan(x[:1], **apply_kwargs)}
+  tracer = _TagTracer(plans)
+  x_tag = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.float32) + 1, (1, *x.shape[1:]))
+  with nn.intercept_methods(tracer):
+    out = qmodel.model.apply(variables, x_tag, **apply_kwargs)
+  out_map = tracer._decode(out, "the output")
+  stats = variables.get("quant_stats", {})
+  params = variables["params"]
+  bstats = variables.get("batch_stats", {})
+
+  def lookup(tree, path):
+    for k in path.split("/"):
+      tree = tree[k]
+    return tree
+
+  producers: dict[str, _Producer] = {}
+  layers: dict[str, dict[str, Any]] = {}
+  first = None
+  for path in tracer.producers[1:]:
+    plan, module = plans[path], tracer.modules[path]
+    s_in, zp, qmin, qmax = _input_qparams(plan, lookup(stats, path)["input"])
+    offset = 128 if qmin >= 0 else 0
+    entry: dict[str, Any] = {"in_zp": np.int32(zp), "in_qmin": np.int32(qmin), "in_qmax": np.int32(qmax),
+                             "in_offset": np.int32(offset)}
+    decoded = tracer.inputs[path]
+    if first is None and any((d[..., 0] == 0).any() for d in decoded):
+      first = (s_in, zp, (qmin, qmax))  # the network input arrives on this layer's grid
+    if plan.kind == "add":
+      for tag, d in zip("ab", decoded):
+        m, s = _requant_arrays(d, producers, s_in, first)
+        entry[f"req_m_{tag}"], entry[f"req_s_{tag}"] = m, s
+      layers[path] = entry
+      channels = decoded[0].shape[-2]  # decoded: (..., C, 2)
+      producers[path] = _Producer(path, np.full(channels, s_in, np.float64))
+      continue
+    w = np.asarray(lookup(params, path)["kernel"], np.float32)
+    b = lookup(params, path).get("bias") if module.use_bias else None
+    if plan.folded_bn:
+      bn_p, bn_s = lookup(params, plan.folded_bn), lookup(bstats, plan.folded_bn)
+      c = w.shape[-1]
+      w, b = fold_batch_norm(jnp.asarray(w), None if b is None else jnp.asarray(b), bn_p.get("scale", jnp.ones(c)),
+                             bn_p.get("bias", jnp.zeros(c)), bn_s["mean"], bn_s["var"],
+                             tracer.bn_eps[plan.folded_bn])
+      w = np.asarray(w)
+    wq = plan.weight
+    if not (isinstance(wq, qz.AffineWeight) and wq.symmetric and wq.bits <= 8):
+      raise ValueError(f"integer conversion of {path} needs symmetric affine weights of at most 8 bits, got {wq}")
+    if isinstance(module, nn.ConvTranspose):
+      raise ValueError(f"integer conversion does not support conv-transpose layers yet ({path})")
+    w_scale, _ = jax.jit(lambda w: wq.qparams(w, -1))(jnp.asarray(w))
+    w_scale = np.asarray(w_scale, np.float32).reshape(-1) * np.ones(w.shape[-1], np.float32)
+    w_int = np.clip(np.sign(w / w_scale) * np.floor(np.abs(w / w_scale) + 0.5), *wq.int_range()).astype(np.int8)
+    acc_scale = np.float64(s_in) * w_scale.astype(np.float64)
+    bias = np.zeros(w.shape[-1]) if b is None else np.asarray(b, np.float64)
+    entry.update(
+        w=w_int, w_sum=w_int.astype(np.int32).sum(axis=tuple(range(w_int.ndim - 1))).astype(np.int32),
+        bias=np.round(bias / acc_scale).astype(np.int32),
+    )
+    entry["req_m"], entry["req_s"] = _requant_arrays(decoded[0], producers, s_in, first)
+    layers[path] = entry
+    producers[path] = _Producer(path, acc_scale)
+  if first is None:
+    raise ValueError("no quantized layer reads the network input")
+  out_scale = _element_scale(out_map, producers, first)
+  s_first, zp_first, rng = first
+  return Deploy(
+      layers=jax.tree.map(jnp.asarray, layers), out_scale=jnp.asarray(out_scale, jnp.float32),
+      input_scale=s_first, input_zero_point=zp_first, input_range=rng, model=qmodel.model,
+      apply_kwargs=tuple(sorted(apply_kwargs.items())),
+      folded_bns=tuple(p.folded_bn for p in plans.values() if p.folded_bn),
+  )
+
+
+def _element_scale(decoded: np.ndarray, producers: dict[str, _Producer], first) -> np.ndarray:
+  """Real scale of every element of a decoded input (producer 0 is the network input)."""
+  scales = np.empty(decoded.shape[:-1], np.float64)
+  for k in np.unique(decoded[..., 0]):
+    sel = decoded[..., 0] == k
+    if k == 0:
+      scales[sel] = first[0]
+    else:
+      name = list(producers)[k - 1]
+      scales[sel] = producers[name].scale[decoded[..., 1][sel]]
+  return scales
+
+
+def _requant_arrays(decoded: np.ndarray, producers, s_in: float, first) -> tuple[np.ndarray, np.ndarray]:
+  m, s = quantize_multiplier(_element_scale(decoded, producers, first) / s_in)
+  # per-channel when the multiplier only varies along the last axis
+  flat_m, flat_s = m.reshape(-1, m.shape[-1]), s.reshape(-1, s.shape[-1])
+  if (flat_m == flat_m[:1]).all() and (flat_s == flat_s[:1]).all():
+    return flat_m[0], flat_s[0]
+  return m, s
