@@ -1,5 +1,14 @@
 """micronet-jax: quantization-aware training, PTQ and integer inference for JAX/Flax."""
 
+from micronet_jax.binary import (
+    BinaryActivation,
+    BinaryWeight,
+    TernaryWeight,
+    binary_weight,
+    center_clip,
+    center_clip_projection,
+    ternary_weight,
+)
 from micronet_jax.layers import QuantConv, QuantConvTranspose, QuantDense
 from micronet_jax.observers import MinMax, MovingAverageMinMax, RangeState
 from micronet_jax.quantizers import (
@@ -12,7 +21,7 @@ from micronet_jax.quantizers import (
     dorefa_activation,
     dorefa_weight,
 )
-from micronet_jax.rules import QuantRule, dorefa_rules, iao_rules, preset
+from micronet_jax.rules import QuantRule, binary_rules, dorefa_rules, iao_rules, preset, ternary_rules
 from micronet_jax.ste import clipped_round_ste, round_half_away, round_ste, sign_ste
 from micronet_jax.transform import QuantizedModel, quantize_model, quantize_variables, summary
 

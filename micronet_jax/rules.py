@@ -117,7 +117,45 @@ def iao_rules(
   )
 
 
-PRESETS = {"dorefa": dorefa_rules, "iao": iao_rules}
+def binary_rules(w_bits: int = 1, a_bits: int = 1, *, layers: str = "conv", center_clip: bool = True,
+                 threshold: float = 0.7) -> tuple[QuantRule, ...]:
+  """micronet's wbwtab placement. ``w_bits``: 1 binary (``BinaryWeight``), 2 ternary
+  (``TernaryWeight``), 32 float; ``a_bits``: 1 binary activations, 32 float (ReLU).
+
+  ``layers="conv"`` (micronet's): the first and the last conv stay float, every conv in
+  between gets the weight quantizer, and with ``a_bits=1`` every conv after the first,
+  the last included, binarises its input (micronet turns the ReLUs between the first and
+  the last conv into sign). Dense layers stay float. ``layers="all"`` counts dense layers
+  too (for networks such as LeNet with two convs): first and last layer float, every
+  layer between binarised. With ``a_bits=1`` the model must not apply ReLU in front of
+  the binarised layers (see ``micronet_jax.binary``: build it with ``act=identity``).
+  """
+  from micronet_jax import binary
+
+  if w_bits not in (1, 2, 32):
+    raise ValueError(f"binary/ternary rules: w_bits must be 1 (binary), 2 (ternary) or 32 (float), got {w_bits!r}")
+  if a_bits not in (1, 32):
+    raise ValueError(f"binary/ternary rules: a_bits must be 1 (binary) or 32 (float), got {a_bits!r}")
+  if layers not in ("conv", "all"):
+    raise ValueError(f"binary_rules: layers must be 'conv' or 'all', got {layers!r}")
+  weight = {1: binary.BinaryWeight(center_clip), 2: binary.TernaryWeight(threshold), 32: None}[w_bits]
+  act = binary.BinaryActivation() if a_bits == 1 else None
+  kinds = ("conv", "conv_transpose") if layers == "conv" else ("dense", "conv", "conv_transpose")
+  return (
+      QuantRule(kinds=kinds, index=0),
+      QuantRule(kinds=kinds, index=-1, act=act),
+      QuantRule(kinds=kinds, weight=weight, act=act),
+  )
+
+
+def ternary_rules(w_bits: int = 2, a_bits: int = 1, **kwargs) -> tuple[QuantRule, ...]:
+  """``binary_rules`` with ternary weights (``w_bits`` 2, or 32 for float)."""
+  if w_bits not in (2, 32):
+    raise ValueError(f"ternary rules: w_bits must be 2 (ternary) or 32 (float), got {w_bits!r}")
+  return binary_rules(w_bits, a_bits, **kwargs)
+
+
+PRESETS = {"dorefa": dorefa_rules, "iao": iao_rules, "binary": binary_rules, "ternary": ternary_rules}
 
 
 def preset(name: str, w_bits: int = 8, a_bits: int = 8) -> tuple[QuantRule, ...]:

@@ -32,12 +32,15 @@ class TrainState(train_state.TrainState):
   """Flax's TrainState plus the non-param collections and the dropout key.
 
   ``frozen`` names model-state collections that the train step must not update
-  (e.g. ``("quant_stats",)`` for fine-tuning with frozen ranges).
+  (e.g. ``("quant_stats",)`` for fine-tuning with frozen ranges). ``project`` is a
+  params -> params function applied after every optimizer step (e.g. micronet's
+  centering and clipping of binary weights, ``binary.center_clip_projection``).
   """
 
   model_state: Any = None
   rng: Array | None = None
   frozen: tuple[str, ...] = train_state.struct.field(pytree_node=False, default=())
+  project: Callable | None = train_state.struct.field(pytree_node=False, default=None)
 
   @property
   def variables(self) -> dict:
@@ -60,12 +63,16 @@ def make_optimizer(
 def create_train_state(
     apply_fn: Callable, variables: dict, tx: optax.GradientTransformation, seed: int = 0,
     frozen: Sequence[str] = (),
+    project: Callable | None = None,
 ) -> TrainState:
+  """``project`` (params -> params) is applied to the initial params and after every step."""
   variables = dict(variables)
   params = variables.pop("params")
+  if project is not None:
+    params = jax.jit(project)(params)
   state = TrainState.create(
       apply_fn=apply_fn, params=params, tx=tx, model_state=variables,
-      rng=jax.random.key(seed), frozen=tuple(frozen),
+      rng=jax.random.key(seed), frozen=tuple(frozen), project=project,
   )
   # An int32 array from the start: a Python 0 would give the first step its own
   # (weakly typed) dispatch signature.
@@ -98,6 +105,8 @@ def train_step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[
 
   (_, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, model_state={**state.model_state, **updates})
+  if state.project is not None:
+    state = state.replace(params=state.project(state.params))
   return state, _metrics(logits, y, jnp.ones(y.shape, jnp.float32))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import flax.linen as nn
 import jax
 
@@ -10,21 +12,24 @@ class LeNet(nn.Module):
   """conv 10 k5 -> max-pool 2 -> relu -> conv 20 k5 -> max-pool 2 -> relu ->
   dense 50 -> relu -> dropout 0.5 -> dense ``num_classes``.
 
-  ``cfg`` = (conv1, conv2, hidden) so that a pruned network can be rebuilt.
+  ``cfg`` = (conv1, conv2, hidden) so that a pruned network can be rebuilt. ``act`` is
+  the activation between the first and the last layer (the three ReLUs); binary
+  networks set it to the identity so that the next layer's sign sees the pre-activation.
   Input (N, 28, 28, 1); output logits (N, num_classes).
   """
 
   num_classes: int = 10
   cfg: tuple[int, int, int] = (10, 20, 50)
+  act: Callable = nn.relu
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     c1, c2, hidden = self.cfg
     x = nn.Conv(c1, (5, 5), padding="VALID")(x)
-    x = nn.relu(nn.max_pool(x, (2, 2), strides=(2, 2)))
+    x = self.act(nn.max_pool(x, (2, 2), strides=(2, 2)))
     x = nn.Conv(c2, (5, 5), padding="VALID")(x)
-    x = nn.relu(nn.max_pool(x, (2, 2), strides=(2, 2)))
+    x = self.act(nn.max_pool(x, (2, 2), strides=(2, 2)))
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(hidden)(x))
+    x = self.act(nn.Dense(hidden)(x))
     x = nn.Dropout(0.5, deterministic=not train)(x)
     return nn.Dense(self.num_classes)(x)

@@ -8,7 +8,7 @@ PyTorch's defaults (momentum 0.1, i.e. Flax momentum 0.9; eps 1e-5).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -37,13 +37,14 @@ def batch_norm(train: bool, name: str | None = None) -> nn.BatchNorm:
 
 
 class ConvBNReLU(nn.Module):
-  """conv (bias) -> BatchNorm -> ReLU, with an optional channel shuffle before the conv."""
+  """conv (bias) -> BatchNorm -> ``act`` (ReLU), with an optional channel shuffle before the conv."""
 
   features: int
   kernel: int
   padding: int
   groups: int = 1
   shuffle_groups: int = 0
+  act: Callable = nn.relu
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -51,7 +52,7 @@ class ConvBNReLU(nn.Module):
       x = channel_shuffle(x, self.shuffle_groups)
     x = nn.Conv(self.features, (self.kernel, self.kernel), padding=self.padding,
                 feature_group_count=self.groups, name="conv")(x)
-    return nn.relu(batch_norm(train, name="bn")(x))
+    return self.act(batch_norm(train, name="bn")(x))
 
 
 def _check_cfg(cfg: Sequence[int], name: str) -> None:
@@ -61,17 +62,20 @@ def _check_cfg(cfg: Sequence[int], name: str) -> None:
 
 class NIN(nn.Module):
   """Network-in-network: 9 ConvBNReLU blocks (the last one on the logits), 2 max-pools
-  (k3, s2, p1), global average pool. Input NHWC; output (N, num_classes), non-negative."""
+  (k3, s2, p1), global average pool. Input NHWC; output (N, num_classes), non-negative.
+  ``act`` replaces the ReLU of blocks 0..7 (those micronet binarises; the logits block
+  keeps its ReLU): binary networks set it to the identity."""
 
   num_classes: int = 10
   cfg: Sequence[int] = NIN_CFG
+  act: Callable = nn.relu
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     _check_cfg(self.cfg, "NIN")
     widths = (*self.cfg, self.num_classes)
     for i, ((k, p), c) in enumerate(zip(NIN_LAYOUT, widths)):
-      x = ConvBNReLU(c, k, p, name=f"block{i}")(x, train)
+      x = ConvBNReLU(c, k, p, act=self.act if i < 8 else nn.relu, name=f"block{i}")(x, train)
       if i in POOL_AFTER:
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     return jnp.mean(x, axis=(1, 2))
@@ -80,10 +84,11 @@ class NIN(nn.Module):
 class NINGC(nn.Module):
   """NIN with group convolutions and channel shuffles (micronet's ``nin_gc``); max-pools
   are k2 s2. Every width in ``cfg`` must be divisible by its conv's groups and by the
-  next conv's groups (see ``NIN_GC_LAYOUT``)."""
+  next conv's groups (see ``NIN_GC_LAYOUT``). ``act`` as in ``NIN``."""
 
   num_classes: int = 10
   cfg: Sequence[int] = NIN_GC_CFG
+  act: Callable = nn.relu
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -94,7 +99,8 @@ class NINGC(nn.Module):
       if i < 8 and (c % g or c % next_groups):
         raise ValueError(f"NIN-GC cfg[{i}] = {c} must be divisible by this conv's groups ({g}) "
                          f"and the next conv's groups ({next_groups})")
-      x = ConvBNReLU(c, k, p, groups=g, shuffle_groups=s, name=f"block{i}")(x, train)
+      x = ConvBNReLU(c, k, p, groups=g, shuffle_groups=s, act=self.act if i < 8 else nn.relu,
+                     name=f"block{i}")(x, train)
       if i in POOL_AFTER:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
     return jnp.mean(x, axis=(1, 2))
