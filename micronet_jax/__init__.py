@@ -9,6 +9,7 @@ from micronet_jax.binary import (
     center_clip_projection,
     ternary_weight,
 )
+from micronet_jax.binary_deploy import FusedModel, PackedKernel, deploy, fuse_bn, pack_variables
 from micronet_jax.layers import QuantConv, QuantConvTranspose, QuantDense
 from micronet_jax.observers import MinMax, MovingAverageMinMax, RangeState
 from micronet_jax.quantizers import (
