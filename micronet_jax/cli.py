@@ -54,9 +54,14 @@ def _add_train(sub) -> None:
   p.add_argument("--quant", default=d.quant, choices=QUANT_METHODS,
                  help="float: no quantization; dorefa: DoReFa weights/activations, first layer float "
                  "(micronet's placement); iao: affine int-style quantization of every layer "
-                 "(weights symmetric per output channel, activations asymmetric per tensor)")
-  p.add_argument("--w-bits", type=int, default=d.w_bits, help="weight bits, 2..16 (32 keeps weights float)")
-  p.add_argument("--a-bits", type=int, default=d.a_bits, help="activation bits, 2..16 (32 keeps activations float)")
+                 "(weights symmetric per output channel, activations asymmetric per tensor); binary / ternary: "
+                 "micronet's wbwtab, 1-bit XNOR-Net / 2-bit TWN weights with the first and last conv float, "
+                 "--a-bits 1 for binary activations or 32 for float ReLU")
+  p.add_argument("--w-bits", type=int, default=None,
+                 help=f"weight bits, 2..16 (32 keeps weights float); default {d.w_bits}, binary 1, ternary 2")
+  p.add_argument("--a-bits", type=int, default=None,
+                 help=f"activation bits, 2..16 (32 keeps activations float); binary/ternary: 1 or 32; "
+                 f"default {d.a_bits}, binary/ternary 1")
   p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
   p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
   p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size")
@@ -91,6 +96,9 @@ def _train(args: argparse.Namespace) -> int:
     raise UsageError(f"--from: {e}") from None
   model = args.model or src.model
   model_cfg = args.cfg if args.cfg is not None else (src.model_cfg if model == src.model else None)
+  fixed = {"binary": (1, 1), "ternary": (2, 1)}.get(args.quant, (d.w_bits, d.a_bits))
+  args.w_bits = fixed[0] if args.w_bits is None else args.w_bits
+  args.a_bits = fixed[1] if args.a_bits is None else args.a_bits
   out = args.out
   if out is None:
     out = f"runs/{model}-{args.quant}" + ("" if args.quant == "float" else f"-w{args.w_bits}a{args.a_bits}")

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from micronet_jax import data as data_lib
+from micronet_jax import binary as binary_lib
 from micronet_jax import models, prune as prune_lib, rules as rules_lib, train as train_lib
 from micronet_jax.calibrate import calibrate, make_observer
 from micronet_jax.observers import OBSERVERS as OBSERVER_NAMES
@@ -28,6 +29,10 @@ from micronet_jax.stats import model_stats
 from micronet_jax.transform import QuantizedModel, quantize_model, quantize_variables, summary
 
 QUANT_METHODS = ("float", *rules_lib.PRESETS)
+BINARY_BITS = {"binary": 1, "ternary": 2}  # weight bits of the wbwtab methods
+# Which layers the binary preset counts: micronet's convs only, or also dense layers for
+# networks with only two convs (LeNet: conv1 and the classifier float, conv2 and fc1 binary).
+BINARY_LAYERS = {"lenet": "all"}
 INPUT_SHAPES = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1)}
 
 
@@ -74,7 +79,13 @@ class TrainConfig:
       raise ValueError(f"unknown dataset {self.dataset!r}; choose one of {list(data_lib.DATASETS)}")
     if self.quant not in QUANT_METHODS:
       raise ValueError(f"unknown quantization method {self.quant!r}; choose one of {list(QUANT_METHODS)}")
-    for name in ("w_bits", "a_bits"):
+    if self.quant in BINARY_BITS:  # fixed widths: binary W1, ternary W2 (32: float), A1 or A32
+      if self.w_bits not in (BINARY_BITS[self.quant], 32):
+        raise ValueError(f"{self.quant} weights are {BINARY_BITS[self.quant]} bit(s): w_bits must be "
+                         f"{BINARY_BITS[self.quant]} (or 32 for float weights); got {self.w_bits}")
+      if self.a_bits not in (1, 32):
+        raise ValueError(f"with {self.quant} weights a_bits must be 1 (binary) or 32 (float ReLU); got {self.a_bits}")
+    for name in ("w_bits", "a_bits") if self.quant not in BINARY_BITS else ():
       bits = getattr(self, name)
       if not (MIN_BITS <= bits <= MAX_BITS or bits == 32):
         raise ValueError(f"{name} must be in {MIN_BITS}..{MAX_BITS}, or 32 for float; got {bits}")
@@ -107,11 +118,19 @@ class TrainConfig:
 def build(config: TrainConfig, num_classes: int = 10):
   """(float model, model to train: the float one or its quantized version)."""
   kwargs = {"cfg": config.model_cfg} if config.model_cfg is not None else {}
+  binary_act = config.quant in BINARY_BITS and config.a_bits == 1
+  if binary_act:  # sign replaces the ReLUs in front of the binarised layers (see binary.py)
+    if "act" not in getattr(models.MODELS[config.model], "__dataclass_fields__", {}):
+      raise ConfigError(f"model {config.model} has no `act` field to replace its ReLUs by the sign: binary "
+                        "activations (a_bits 1) need lenet, nin or nin_gc (or a_bits 32)")
+    kwargs["act"] = binary_lib.identity
   try:
     model = models.get_model(config.model, num_classes=num_classes, **kwargs)
   except TypeError:
     raise ConfigError(f"model {config.model} takes no channel config") from None
-  if config.quant == "iao":
+  if config.quant in BINARY_BITS:
+    rules = rules_lib.binary_rules(config.w_bits, config.a_bits, layers=BINARY_LAYERS.get(config.model, "conv"))
+  elif config.quant == "iao":
     rules = rules_lib.iao_rules(config.w_bits, config.a_bits, fold_bn=config.fold_bn,
                                 observer=make_observer(config.observer, config.a_bits))
   else:
@@ -171,6 +190,10 @@ def run(config: TrainConfig, progress: bool = True, log: Callable[[str], Any] = 
                       f"({len(dataset.x_train)} examples)")
   _, net = build(config, dataset.num_classes)
   x0 = config.example_input()
+  try:  # micronet's centering and clipping of binary weights, after every step
+    project = binary_lib.center_clip_projection(net, x0, train=False)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   variables = _start_variables(config, net, x0, log)
   if isinstance(net, QuantizedModel):
     log(summary(net, x0, train=False, print_fn=None))
@@ -179,7 +202,7 @@ def run(config: TrainConfig, progress: bool = True, log: Callable[[str], Any] = 
     tx = optax.chain(prune_lib.bn_sparsity(config.sparsity), tx)
   # QAFT: observers and BatchNorm statistics stay as the QAT/PTQ run left them.
   frozen = ("quant_stats", "batch_stats") if config.qaft else ()
-  state = train_lib.create_train_state(net.apply, variables, tx, seed=config.seed, frozen=frozen)
+  state = train_lib.create_train_state(net.apply, variables, tx, seed=config.seed, frozen=frozen, project=project)
   log(f"{config.label}: {config.model} on {config.dataset} ({len(dataset.x_train)} train / "
       f"{len(dataset.x_test)} test, from {dataset.source}), {config.epochs} epochs, batch {config.batch_size}")
   start = time.perf_counter()
