@@ -12,7 +12,6 @@ Each run is ``micronet-jax train`` with the same seed, optimizer (Adam 1e-3) and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -26,6 +25,8 @@ RUNS = {
     "dorefa-w4a4": dict(quant="dorefa", w_bits=4, a_bits=4),
     "iao-w8a8": dict(quant="iao", w_bits=8, a_bits=8),
     "iao-w4a4": dict(quant="iao", w_bits=4, a_bits=4),
+    # DoReFa at 16 bits: what DoReFa's reparametrisation costs without rounding error
+    "dorefa-w16a16": dict(quant="dorefa", w_bits=16, a_bits=16),
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
 

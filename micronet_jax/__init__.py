@@ -10,6 +10,8 @@ from micronet_jax.binary import (
     ternary_weight,
 )
 from micronet_jax.binary_deploy import FusedModel, PackedKernel, deploy, fuse_bn, pack_variables
+from micronet_jax import calibrate, ops, prune, stats  # modules: mj.calibrate.calibrate, mj.ops.Add, ...
+from micronet_jax.convert import Deploy, convert, integer_apply
 from micronet_jax.layers import QuantConv, QuantConvTranspose, QuantDense
 from micronet_jax.observers import MinMax, MovingAverageMinMax, RangeState
 from micronet_jax.quantizers import (
@@ -22,6 +24,7 @@ from micronet_jax.quantizers import (
     dorefa_activation,
     dorefa_weight,
 )
+from micronet_jax.stats import ModelStats, model_stats
 from micronet_jax.rules import QuantRule, binary_rules, dorefa_rules, iao_rules, preset, ternary_rules
 from micronet_jax.ste import clipped_round_ste, round_half_away, round_ste, sign_ste
 from micronet_jax.transform import QuantizedModel, quantize_model, quantize_variables, summary

@@ -209,6 +209,57 @@ def _prune(args: argparse.Namespace) -> int:
   return 0
 
 
+def _add_convert(sub) -> None:
+  p = sub.add_parser(
+      "convert",
+      help="integer-only deploy artifact of an IAO run (int8 weights, int32 bias, fixed-point requantization)",
+      description="Convert an IAO (QAT or PTQ) run into an integer-only network: writes OUT/deploy.npz (int8 "
+      "weights, int32 biases and requantization multipliers; no float weights), OUT/integer_model.jax (a "
+      "jax.export StableHLO artifact of the integer forward, arrays included) and OUT/deploy.json, and "
+      "checks the integer forward against the fake-quant forward on the test set.",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  p.add_argument("--from", dest="from_run", required=True, metavar="RUN_DIR", help="iao run to convert")
+  p.add_argument("--out", required=True, help="artifact directory to write")
+  p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files")
+  p.set_defaults(func=_convert)
+
+
+def _convert(args: argparse.Namespace) -> int:
+  from micronet_jax.experiment import ConfigError, convert_run
+
+  try:
+    convert_run(args.from_run, args.out, args.data_dir)
+  except ConfigError as e:
+    raise UsageError(str(e)) from None
+  print(f"wrote {args.out} (evaluate it with: micronet-jax eval --artifact {args.out})")
+  return 0
+
+
+def _add_eval(sub) -> None:
+  p = sub.add_parser(
+      "eval",
+      help="evaluate a converted integer artifact on the test set, without the model's code",
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  p.add_argument("--artifact", required=True, metavar="DIR", help="directory written by `convert`")
+  p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files")
+  p.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images")
+  p.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+  from micronet_jax.experiment import ConfigError, eval_artifact
+
+  if args.limit_test is not None and args.limit_test < 1:
+    raise UsageError(f"--limit-test must be at least 1, got {args.limit_test}")
+  try:
+    eval_artifact(args.artifact, args.data_dir, limit_test=args.limit_test)
+  except ConfigError as e:
+    raise UsageError(str(e)) from None
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="micronet-jax",
@@ -218,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_train(sub)
   _add_prune(sub)
   _add_ptq(sub)
+  _add_convert(sub)
+  _add_eval(sub)
   return parser
 
 

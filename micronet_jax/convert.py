@@ -109,13 +109,18 @@ class Deploy:
 
   def quantize_input(self, x: Any) -> Array:
     """Float input -> integers on the first layer's input grid (uint8 or int8)."""
-    lo, hi = self.input_range
-    q = np.clip(np.sign(x / self.input_scale) * np.floor(np.abs(x / self.input_scale) + 0.5)
-                + self.input_zero_point, lo, hi)
-    return jnp.asarray(q.astype(np.uint8 if lo >= 0 else np.int8))
+    return jnp.asarray(quantize_input(x, self.input_scale, self.input_zero_point, self.input_range))
 
   def nbytes(self) -> int:
     return int(sum(np.asarray(a).nbytes for a in jax.tree.leaves((self.layers, self.out_scale))))
+
+
+def quantize_input(x: np.ndarray, scale: float, zero_point: int, int_range: tuple[int, int]) -> np.ndarray:
+  """Host-side input quantization: clip(r(x / scale) + zero_point) as uint8 (or int8)."""
+  lo, hi = int_range
+  v = np.asarray(x, np.float32) / np.float32(scale)
+  q = np.clip(np.sign(v) * np.floor(np.abs(v) + 0.5) + zero_point, lo, hi)
+  return q.astype(np.uint8 if lo >= 0 else np.int8)
 
 
 def _is_int(x: Array) -> bool:
@@ -167,8 +172,9 @@ def _int_add(p: dict, a: Array, b: Array) -> Array:
 
 class _IntegerInterceptor:
 
-  def __init__(self, deploy: Deploy):
+  def __init__(self, deploy: Deploy, capture: dict | None = None):
     self.d = deploy
+    self.capture = capture
 
   def __call__(self, next_fun, args, kwargs, context):
     module, path = context.module, "/".join(context.module.scope.path)
@@ -184,7 +190,10 @@ class _IntegerInterceptor:
       if path not in self.d.layers:
         raise ValueError(f"layer {path} has no integer version (it is float in the quantized model)")
       _check_int(args[0], path)
-      return _int_layer(module, self.d.layers[path], args[0])
+      p = self.d.layers[path]
+      if self.capture is not None:
+        self.capture[path] = _requantize(args[0], p).astype(jnp.int32) + p["in_offset"]
+      return _int_layer(module, p, args[0])
     return next_fun(*args, **kwargs)
 
 
@@ -194,18 +203,46 @@ def _check_int(x: Array, path: str) -> None:
                      "before it is float-only (use micronet_jax.ops helpers for averages and residual adds)")
 
 
-def integer_apply(deploy: Deploy, x_q: Array, dequantize: bool = True) -> Array:
+def integer_apply(deploy: Deploy, x_q: Array, dequantize: bool = True, capture: dict | None = None) -> Array:
   """Runs the integer network on ``x_q`` (from ``deploy.quantize_input``).
 
   Returns float logits ``out_scale * acc`` (the one float multiply, at the end), or the
-  int32 accumulators with ``dequantize=False``.
+  int32 accumulators with ``dequantize=False``. With a ``capture`` dict, every conv/dense
+  layer's quantized input codes (on its [qmin, qmax] grid) are stored under its path.
   """
   if not _is_int(x_q):
     raise ValueError(f"integer_apply expects uint8/int8 input (deploy.quantize_input), got {x_q.dtype}")
   acc = x_q.astype(jnp.int32) - deploy.input_zero_point
-  with nn.intercept_methods(_IntegerInterceptor(deploy)):
+  with nn.intercept_methods(_IntegerInterceptor(deploy, capture)):
     out = deploy.model.apply({}, acc, **dict(deploy.apply_kwargs))
   return out * deploy.out_scale if dequantize else out
+
+
+def fake_quant_codes(qmodel: QuantizedModel, variables: dict, x: Array, **apply_kwargs: Any) -> dict[str, Array]:
+  """The integer codes r(x / S) + Z that the fake-quant eval forward gives every conv/dense
+  layer's input, by path: what ``integer_apply(..., capture=...)`` must reproduce."""
+  apply_kwargs = {"train": False, **apply_kwargs}
+  plans = {p.path: p for p in qmodel.plan(x[:1], **apply_kwargs)}
+  seen: dict[str, Array] = {}
+
+  def record(next_fun, args, kwargs, context):
+    m = context.module
+    if context.method_name == "__call__" and isinstance(m, (nn.Dense, nn.Conv)) and not hasattr(m, "act_quant"):
+      seen.setdefault("/".join(m.scope.path), args[0])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):  # outermost: sees the float layers' inputs
+    qmodel.apply(variables, x, **apply_kwargs)
+  codes = {}
+  for path, xin in seen.items():
+    q = plans[path].act
+    state = variables["quant_stats"]
+    for k in path.split("/"):
+      state = state[k]
+    scale, zp = q.qparams(state["input"])
+    qmin, qmax = q.int_range()
+    codes[path] = jnp.clip(qz.round_half_away(xin / scale) + zp, qmin, qmax).astype(jnp.int32)
+  return codes
 
 
 # ----------------------------------------------------------------------------- conversion

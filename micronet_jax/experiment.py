@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from micronet_jax import data as data_lib
@@ -241,7 +242,8 @@ def prune_run(from_run: str, out: str, percent: float, regular: int = 1, compens
   """Slims a float run and writes a run directory that ``train --from`` accepts.
 
   Reports test accuracy of the original, of the masked original (pruned channels'
-  gamma and beta zeroed) and of the pruned network, with parameters and size.
+  gamma zeroed, and beta too unless ``compensate_beta``: the network the pruned one
+  reproduces) and of the pruned network, with parameters and size.
   """
   src, model, variables = load_run(from_run)
   if src.quant != "float":
@@ -263,7 +265,10 @@ def prune_run(from_run: str, out: str, percent: float, regular: int = 1, compens
       "percent": percent, "regular": regular, "threshold": plan.threshold,
       "cfg_before": list(src.model_cfg or models.get_model(src.model).cfg), "cfg": list(plan.cfg),
       "test_accuracy_before": accuracy(model, variables),
-      "test_accuracy_masked": accuracy(model, prune_lib.mask_variables(model, variables, plan)),
+      # what the pruned network reproduces: pruned channels' beta kept (folded into the next
+      # bias) with compensation, zeroed as micronet does without it
+      "test_accuracy_masked": accuracy(model, prune_lib.mask_variables(model, variables, plan,
+                                                                        zero_beta=not compensate_beta)),
       "test_accuracy": accuracy(new_model, new_vars),
       "model_stats_before": before.row(), "model_stats": after.row(),
       "params_removed": 1 - after.params / before.params,
@@ -275,7 +280,8 @@ def prune_run(from_run: str, out: str, percent: float, regular: int = 1, compens
   log(f"threshold |gamma| > {plan.threshold:.4g}; cfg {metrics['cfg_before']} -> {list(plan.cfg)}\n"
       f"| model | params | MMACs | test acc |\n|---|---|---|---|\n"
       f"| original | {before.params:,} | {before.macs / 1e6:.2f} | {100 * metrics['test_accuracy_before']:.2f}% |\n"
-      f"| masked (gamma, beta of pruned = 0) | {before.params:,} | {before.macs / 1e6:.2f} | "
+      f"| masked (pruned gamma = 0{'' if compensate_beta else ', beta = 0'}) | {before.params:,} | "
+      f"{before.macs / 1e6:.2f} | "
       f"{100 * metrics['test_accuracy_masked']:.2f}% |\n"
       f"| pruned | {after.params:,} | {after.macs / 1e6:.2f} | {100 * metrics['test_accuracy']:.2f}% |")
   return metrics
@@ -323,3 +329,85 @@ def ptq_run(from_run: str, out: str, method: str = "percentile", w_bits: int = 8
   log(f"| model | test acc |\n|---|---|\n| float | {100 * metrics['float_test_accuracy']:.2f}% |\n"
       f"| {metrics['label']} | {100 * metrics['test_accuracy']:.2f}% |")
   return metrics
+
+
+ARTIFACT_FILE = "integer_model.jax"
+
+
+def convert_run(from_run: str, out: str, data_dir: str | None = None, batch_size: int = 500,
+                log: Callable[[str], Any] = print) -> dict:
+  """Integer deploy of an IAO run: ``deploy.npz`` (int8/int32 arrays), a serialized
+  ``jax.export`` of ``integer_apply`` with the arrays baked in (``integer_model.jax``,
+  any batch size), ``deploy.json``; reports sizes and fake-quant vs integer accuracy."""
+  from micronet_jax.convert import convert, integer_apply
+
+  src, qmodel, variables = load_run(from_run)
+  if src.quant != "iao":
+    raise ConfigError(f"{from_run} is a {src.label} run; integer conversion needs an iao (QAT or PTQ) run")
+  dataset = data_lib.load(src.dataset, data_dir or src.data_dir)
+  try:
+    deploy = convert(qmodel, variables, jnp.asarray(dataset.x_test[:2]))
+  except ValueError as e:
+    raise ConfigError(f"cannot convert {from_run}: {e}") from None
+  int_fn = jax.jit(lambda xq: integer_apply(deploy, xq))
+  fq_fn = jax.jit(lambda x: qmodel.apply(variables, x, train=False))
+  agree = int_correct = fq_correct = 0
+  for i in range(0, len(dataset.x_test), batch_size):
+    x, y = dataset.x_test[i : i + batch_size], dataset.y_test[i : i + batch_size]
+    p_int = np.asarray(int_fn(deploy.quantize_input(x))).argmax(-1)
+    p_fq = np.asarray(fq_fn(jnp.asarray(x))).argmax(-1)
+    agree += int((p_int == p_fq).sum())
+    int_correct += int((p_int == y).sum())
+    fq_correct += int((p_fq == y).sum())
+  n = len(dataset.x_test)
+
+  os.makedirs(out, exist_ok=True)
+  flat = {f"{path}/{k}": np.asarray(v) for path, layer in deploy.layers.items() for k, v in layer.items()}
+  np.savez(os.path.join(out, "deploy.npz"), out_scale=np.asarray(deploy.out_scale), **flat)
+  batch, = jax.export.symbolic_shape("batch")
+  exported = jax.export.export(int_fn)(jax.ShapeDtypeStruct((batch, *dataset.x_test.shape[1:]), jnp.uint8
+                                                            if deploy.input_range[0] >= 0 else jnp.int8))
+  with open(os.path.join(out, ARTIFACT_FILE), "wb") as f:
+    f.write(exported.serialize())
+  float_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"]))
+  metrics = {
+      "from_run": from_run, "label": src.label, "dataset": src.dataset,
+      "input_scale": deploy.input_scale, "input_zero_point": deploy.input_zero_point,
+      "input_range": list(deploy.input_range), "input_shape": list(dataset.x_test.shape[1:]),
+      "deploy_bytes": deploy.nbytes(), "deploy_npz_bytes": os.path.getsize(os.path.join(out, "deploy.npz")),
+      "artifact_bytes": os.path.getsize(os.path.join(out, ARTIFACT_FILE)),
+      "float_params_bytes": 4 * float_params,
+      "fake_quant_test_accuracy": fq_correct / n, "integer_test_accuracy": int_correct / n,
+      "prediction_agreement": agree / n, "test_images": n, "versions": train_lib.package_versions(),
+  }
+  train_lib.write_json(os.path.join(out, "deploy.json"), metrics)
+  log(f"| artifact | bytes |\n|---|---|\n| float params (float32) | {metrics['float_params_bytes']:,} |\n"
+      f"| deploy arrays (int8 weights, int32 bias/multipliers) | {metrics['deploy_bytes']:,} |\n"
+      f"| {ARTIFACT_FILE} (StableHLO, arrays included) | {metrics['artifact_bytes']:,} |\n\n"
+      f"| forward | test acc |\n|---|---|\n| fake-quant ({src.label}) | {100 * fq_correct / n:.2f}% |\n"
+      f"| integer-only | {100 * int_correct / n:.2f}% |\n"
+      f"same predicted class on {agree}/{n} test images ({100 * agree / n:.2f}%)")
+  return metrics
+
+
+def eval_artifact(artifact_dir: str, data_dir: str | None = None, batch_size: int = 500,
+                  limit_test: int | None = None, log: Callable[[str], Any] = print) -> dict:
+  """Evaluates a ``convert_run`` artifact without the model's Python code."""
+  meta_path = os.path.join(artifact_dir, "deploy.json")
+  if not os.path.exists(meta_path):
+    raise ConfigError(f"{artifact_dir} holds no converted model (no deploy.json)")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  with open(os.path.join(artifact_dir, ARTIFACT_FILE), "rb") as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  dataset = data_lib.subset(data_lib.load(meta["dataset"], data_dir), None, limit_test)
+  from micronet_jax.convert import quantize_input
+
+  correct = 0
+  for i in range(0, len(dataset.x_test), batch_size):
+    x, y = dataset.x_test[i : i + batch_size], dataset.y_test[i : i + batch_size]
+    q = quantize_input(x, meta["input_scale"], meta["input_zero_point"], tuple(meta["input_range"]))
+    correct += int((np.asarray(exported.call(q)).argmax(-1) == y).sum())
+  acc = correct / len(dataset.x_test)
+  log(f"{meta['label']} integer artifact: test accuracy {100 * acc:.2f}% on {len(dataset.x_test)} images")
+  return {"test_accuracy": acc, "test_images": len(dataset.x_test)}

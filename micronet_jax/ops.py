@@ -19,7 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from micronet_jax.quantizers import round_half_away
 
 Array = jax.Array
 

@@ -17,7 +17,7 @@ formulas are the same. Where they differ on purpose it is said in the docstring.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp

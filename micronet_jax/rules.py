@@ -17,7 +17,8 @@ from typing import Any, Sequence
 from micronet_jax import observers as obs
 from micronet_jax import quantizers as qz
 
-KINDS = ("dense", "conv", "conv_transpose")
+LAYER_KINDS = ("dense", "conv", "conv_transpose")
+KINDS = (*LAYER_KINDS, "add")  # "add": the marked residual add, ``ops.Add`` (activation only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +28,7 @@ class QuantRule:
   pattern: str = ".*"
   weight: Any = None
   act: Any = None
-  kinds: tuple[str, ...] = KINDS
+  kinds: tuple[str, ...] = LAYER_KINDS
   index: int | None = None
   fold_bn: bool = False  # fold an nn.BatchNorm that directly consumes this conv's output
   bn_calib: bool = False  # with fold_bn: micronet's bn_fuse_calib variant
@@ -106,13 +107,14 @@ def iao_rules(
 ) -> tuple[QuantRule, ...]:
   """micronet's IAO placement: every conv/dense layer ("full quantization"), the image
   input of the first layer included. Weights symmetric per output channel, activations
-  asymmetric per tensor with a moving-average observer by default. ``fold_bn`` folds
+  asymmetric per tensor with a moving-average observer by default; residual adds
+  (``ops.Add``) quantize both inputs on one scale. ``fold_bn`` folds
   every BatchNorm that directly consumes a conv into it (see ``bn_fold``)."""
   return (
       QuantRule(
           weight=_bits_or_float(w_bits, lambda b: qz.AffineWeight(b, weight_symmetric, per_channel)),
           act=_bits_or_float(a_bits, lambda b: qz.AffineActivation(b, act_symmetric, observer)),
-          fold_bn=fold_bn, bn_calib=bn_calib,
+          kinds=KINDS, fold_bn=fold_bn, bn_calib=bn_calib,
       ),
   )
 

@@ -19,7 +19,6 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from micronet_jax import ops
 from micronet_jax import quantizers as qz

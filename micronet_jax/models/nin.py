@@ -12,7 +12,8 @@ from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+
+from micronet_jax.ops import global_avg_pool
 
 NIN_CFG = (192, 160, 96, 192, 192, 192, 192, 192)
 NIN_GC_CFG = (256, 256, 256, 512, 512, 512, 1024, 1024)
@@ -78,7 +79,7 @@ class NIN(nn.Module):
       x = ConvBNReLU(c, k, p, act=self.act if i < 8 else nn.relu, name=f"block{i}")(x, train)
       if i in POOL_AFTER:
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    return jnp.mean(x, axis=(1, 2))
+    return global_avg_pool(x)
 
 
 class NINGC(nn.Module):
@@ -103,4 +104,4 @@ class NINGC(nn.Module):
                      name=f"block{i}")(x, train)
       if i in POOL_AFTER:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    return jnp.mean(x, axis=(1, 2))
+    return global_avg_pool(x)
