@@ -32,6 +32,9 @@ def main() -> int:
   p.add_argument("--qat-epochs", type=int, default=1, help="QAT epochs from the float checkpoint")
   p.add_argument("--qaft-epochs", type=int, default=1)
   p.add_argument("--runs-dir", default="runs/fashion_mnist_iao")
+  p.add_argument("--reuse", action="store_true",
+                 help="skip a training/PTQ command whose run directory already has metrics.json from an "
+                 "earlier run of this script (conversions are always redone)")
   p.add_argument("--results-dir", default=os.path.join(HERE, "results"))
   args = p.parse_args()
   d = args.runs_dir
@@ -54,8 +57,11 @@ def main() -> int:
     if not c:  # the float starting point
       continue
     for command in (c, f"convert --from {run_dir} --out {run_dir}/int8"):
-      print(f"\n=== {label}: micronet-jax {command}", flush=True)
       commands.append(f"micronet-jax {command}")
+      if command is c and args.reuse and os.path.exists(os.path.join(run_dir, "metrics.json")):
+        print(f"\n=== {label}: reusing {run_dir}", flush=True)
+        continue
+      print(f"\n=== {label}: micronet-jax {command}", flush=True)
       if cli.main(shlex.split(command)):
         return 1
 

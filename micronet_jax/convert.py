@@ -13,7 +13,8 @@ answered by integer arithmetic:
   so ReLU, max-pooling, reshapes, channel shuffles and concatenations act on them as
   they do on floats, and ``ops.global_avg_pool`` averages them with integer rounding;
 * a layer requantizes its input from the producer's scale to its own input grid with
-  ``q = clip(((acc * m) >> s) + Z)`` (int32 only: see ``rounding_mul_shift``), moves it
+  ``q = clip(round(acc * M) + Z)`` with a 30-bit fixed-point M in int32 arithmetic only
+  (see ``precise_mul_shift``), moves it
   to int8, pads with the zero point and runs ``lax.conv_general_dilated`` /
   ``lax.dot_general`` on int8 with int32 accumulation, then subtracts Z * sum(w) and
   adds the int32 bias;
@@ -68,10 +69,11 @@ def quantize_multiplier(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rounding_mul_shift(acc: Array, m: Array, s: Array) -> Array:
-  """floor((acc * m + 2^(s-1)) / 2^s) in int32 arithmetic only, saturating.
+  """floor((acc * m + 2^(s-1)) / 2^s) in int32 arithmetic only, saturating near +-2^30.
 
-  ``acc`` int32, ``m`` in [0, 2^15), ``s`` in [0, 62] (broadcasting). The 47-bit product
-  is split as acc = A 2^16 + B, so every partial product fits in int32.
+  ``acc`` int32, ``m`` in [0, 2^15), ``s`` in [-15, 62] (broadcasting; a negative ``s``
+  shifts left). The 47-bit product is split as acc = A 2^16 + B, so every partial
+  product fits in int32.
   """
   acc, m, s = jnp.asarray(acc, jnp.int32), jnp.asarray(m, jnp.int32), jnp.asarray(s, jnp.int32)
   a_hi = acc >> 16
@@ -83,11 +85,41 @@ def rounding_mul_shift(acc: Array, m: Array, s: Array) -> Array:
   s_hi = jnp.maximum(s - 16, 0)
   carry = jnp.where(s > 16, jnp.left_shift(1, jnp.clip(s - 17, 0, 30)), (q_lo + (1 << 15)) >> 16)
   big = jnp.right_shift(t + carry, jnp.minimum(s_hi, 31))
-  # s < 16: t 2^(16-s) + floor((q_lo + 2^(s-1)) / 2^s), with t saturated first
-  lim = jnp.left_shift(1, jnp.clip(14 + s, 0, 30))
-  half = jnp.where(s > 0, jnp.left_shift(1, jnp.clip(s - 1, 0, 30)), 0)
-  small = jnp.left_shift(jnp.clip(t, -lim, lim), jnp.clip(16 - s, 0, 16)) + jnp.right_shift(q_lo + half, jnp.clip(s, 0, 15))
-  return jnp.where(s >= 16, big, small)
+  # 0 <= s < 16: t 2^(16-s) + floor((q_lo + 2^(s-1)) / 2^s), with t saturated first
+  s0 = jnp.maximum(s, 0)
+  lim = jnp.left_shift(1, jnp.clip(14 + s0, 0, 30))
+  half = jnp.where(s0 > 0, jnp.left_shift(1, jnp.clip(s0 - 1, 0, 30)), 0)
+  small = (jnp.left_shift(jnp.clip(t, -lim, lim), jnp.clip(16 - s0, 0, 16))
+           + jnp.right_shift(q_lo + half, jnp.clip(s0, 0, 15)))
+  # s < 0: the s = 0 product, saturated, shifted left
+  k = jnp.clip(-s, 0, 15)
+  lim_neg = jnp.left_shift(1, 30 - k)
+  left = jnp.left_shift(jnp.clip(small, -lim_neg, lim_neg), k)
+  return jnp.where(s >= 16, big, jnp.where(s >= 0, small, left))
+
+
+def precise_multiplier(real: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """real > 0 -> (m_hi, m_lo, s) int32 with real ~= (m_hi + m_lo 2^-15) 2^-s, a 30-bit
+  multiplier (relative error < 2^-29) made of two Q15 halves for ``precise_mul_shift``."""
+  real = np.asarray(real, np.float64)
+  m_hi, s = quantize_multiplier(real)  # validates; fixes the exponent
+  m30 = np.round(real * np.exp2(s.astype(np.int64) + 15)).astype(np.int64)
+  top = m30 >= 2**30
+  m30, s = np.where(top, m30 // 2, m30), np.where(top, s - 1, s)
+  return (m30 >> 15).astype(np.int32), (m30 & 0x7FFF).astype(np.int32), s.astype(np.int32)
+
+
+def precise_mul_shift(acc: Array, m_hi: Array, m_lo: Array, s: Array) -> Array:
+  """round(acc * (m_hi + m_lo 2^-15) 2^-s) in int32 arithmetic, saturating.
+
+  Both halves are computed with 15 extra fraction bits and summed before the final
+  rounding, so the result is off by one only when the exact value lies within about
+  2^-15 of a rounding tie (a single Q15 multiplier flips about 255 times more often).
+  """
+  hi = rounding_mul_shift(acc, m_hi, s - 15)  # value * 2^15
+  lo = rounding_mul_shift(acc, m_lo, s)  # (m_lo part) * 2^15
+  total = jnp.clip(hi, -(1 << 29), 1 << 29) + jnp.clip(lo, -(1 << 29), 1 << 29)
+  return (total + (1 << 14)) >> 15
 
 
 # ----------------------------------------------------------------------------- deploy pytree
@@ -129,7 +161,7 @@ def _is_int(x: Array) -> bool:
 
 def _requantize(acc: Array, p: dict) -> Array:
   """int32 accumulators -> int8 codes minus the int8 offset on this layer's input grid."""
-  q = rounding_mul_shift(acc, p["req_m"], p["req_s"]) + p["in_zp"]
+  q = precise_mul_shift(acc, p["req_m"], p["req_m_lo"], p["req_s"]) + p["in_zp"]
   q = jnp.clip(q, p["in_qmin"], p["in_qmax"])
   return (q - p["in_offset"]).astype(jnp.int8)
 
@@ -164,8 +196,9 @@ def _per_dim(v: Any, rank: int) -> tuple[int, ...]:
 
 
 def _int_add(p: dict, a: Array, b: Array) -> Array:
-  qa = _requantize(a, {**p, "req_m": p["req_m_a"], "req_s": p["req_s_a"]}).astype(jnp.int32)
-  qb = _requantize(b, {**p, "req_m": p["req_m_b"], "req_s": p["req_s_b"]}).astype(jnp.int32)
+  per = lambda t: {**p, "req_m": p[f"req_m_{t}"], "req_m_lo": p[f"req_m_lo_{t}"], "req_s": p[f"req_s_{t}"]}
+  qa = _requantize(a, per("a")).astype(jnp.int32)
+  qb = _requantize(b, per("b")).astype(jnp.int32)
   zp8 = p["in_zp"] - p["in_offset"]
   return (qa - zp8) + (qb - zp8)
 
@@ -345,8 +378,8 @@ def convert(qmodel: QuantizedModel, variables: dict, x: Array, **apply_kwargs: A
       first = (s_in, zp, (qmin, qmax))  # the network input arrives on this layer's grid
     if plan.kind == "add":
       for tag, d in zip("ab", decoded):
-        m, s = _requant_arrays(d, producers, s_in, first)
-        entry[f"req_m_{tag}"], entry[f"req_s_{tag}"] = m, s
+        entry[f"req_m_{tag}"], entry[f"req_m_lo_{tag}"], entry[f"req_s_{tag}"] = _requant_arrays(
+            d, producers, s_in, first)
       layers[path] = entry
       channels = decoded[0].shape[-2]  # decoded: (..., C, 2)
       producers[path] = _Producer(path, np.full(channels, s_in, np.float64))
@@ -374,7 +407,7 @@ def convert(qmodel: QuantizedModel, variables: dict, x: Array, **apply_kwargs: A
         w=w_int, w_sum=w_int.astype(np.int32).sum(axis=tuple(range(w_int.ndim - 1))).astype(np.int32),
         bias=np.round(bias / acc_scale).astype(np.int32),
     )
-    entry["req_m"], entry["req_s"] = _requant_arrays(decoded[0], producers, s_in, first)
+    entry["req_m"], entry["req_m_lo"], entry["req_s"] = _requant_arrays(decoded[0], producers, s_in, first)
     layers[path] = entry
     producers[path] = _Producer(path, acc_scale)
   if first is None:
@@ -402,10 +435,10 @@ def _element_scale(decoded: np.ndarray, producers: dict[str, _Producer], first) 
   return scales
 
 
-def _requant_arrays(decoded: np.ndarray, producers, s_in: float, first) -> tuple[np.ndarray, np.ndarray]:
-  m, s = quantize_multiplier(_element_scale(decoded, producers, first) / s_in)
-  # per-channel when the multiplier only varies along the last axis
-  flat_m, flat_s = m.reshape(-1, m.shape[-1]), s.reshape(-1, s.shape[-1])
-  if (flat_m == flat_m[:1]).all() and (flat_s == flat_s[:1]).all():
-    return flat_m[0], flat_s[0]
-  return m, s
+def _requant_arrays(decoded: np.ndarray, producers, s_in: float, first) -> tuple[np.ndarray, ...]:
+  """(m_hi, m_lo, s) per element of a layer's input, per channel when that suffices."""
+  parts = precise_multiplier(_element_scale(decoded, producers, first) / s_in)
+  flat = [a.reshape(-1, a.shape[-1]) for a in parts]
+  if all((f == f[:1]).all() for f in flat):  # the multiplier only varies along channels
+    return tuple(f[0] for f in flat)
+  return parts

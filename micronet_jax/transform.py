@@ -86,10 +86,11 @@ class _Planner:
     return positions, counts
 
   def _plan(self, path: str, module: nn.Module) -> LayerPlan:
-    if type(module) in _HAND_WRITTEN:
-      return LayerPlan(path, _HAND_WRITTEN[type(module)], None, module.weight_quant, module.act_quant,
+    if type(module) in _HAND_WRITTEN or (isinstance(module, ops.Add) and module.act_quant is not None):
+      kind = "add" if isinstance(module, ops.Add) else _HAND_WRITTEN[type(module)]
+      return LayerPlan(path, kind, None, getattr(module, "weight_quant", None), module.act_quant,
                        "hand-written quantized layer")
-    kind = LAYER_KIND.get(type(module))
+    kind = "add" if isinstance(module, ops.Add) else LAYER_KIND.get(type(module))
     if kind is None:  # a user subclass of a float layer: its __call__ may differ, leave it
       base = next(b for b in LAYER_KIND if isinstance(module, b))
       return LayerPlan(path, LAYER_KIND[base], None, None, None,
@@ -102,22 +103,14 @@ class _Planner:
       return LayerPlan(path, kind, None, None, None, "no rule matched")
     rule = self.rules[i]
     folded = self.bn_pairs.get(path) if rule.fold_bn and kind == "conv" else None
-    return LayerPlan(path, kind, i, rule.weight, rule.act, "BatchNorm folded" if folded else "", folded)
+    weight = None if kind == "add" else rule.weight  # an add has inputs, no weights
+    return LayerPlan(path, kind, i, weight, rule.act, "BatchNorm folded" if folded else "", folded)
 
   def _add(self, next_fun: Callable, args, kwargs, module: ops.Add) -> Any:
     path = "/".join(module.scope.path)
     plan = self.plans.get(path)
     if plan is None:
-      if module.act_quant is not None:
-        plan = LayerPlan(path, "add", None, None, module.act_quant, "hand-written quantized add")
-      else:
-        if (path, "add") not in self.order:
-          self.order.append((path, "add"))
-        positions, counts = self._positions(path)
-        i = first_match(self.rules, path, "add", positions, counts)
-        act = self.rules[i].act if i is not None else None
-        plan = LayerPlan(path, "add", i, None, act, "" if i is not None else "no rule matched")
-      self.plans[path] = plan
+      plan = self.plans[path] = self._plan(path, module)
     if not self.swap or plan.act is None or module.act_quant is not None:
       return next_fun(*args, **kwargs)
     return ops.Add(act_quant=plan.act, parent=module.scope)(*args, **kwargs)
