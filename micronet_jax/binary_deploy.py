@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from micronet_jax import binary as bn_lib
-from micronet_jax.layers import LAYER_KIND, QuantConv, QuantConvTranspose, QuantDense
+from micronet_jax.layers import LAYER_KIND, QuantConv, QuantDense
 from micronet_jax.rules import QuantRule
 from micronet_jax.transform import QuantizedModel, quantize_model
 
