@@ -29,6 +29,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from micronet_jax.layers import accumulator_scale
+from micronet_jax.quantizers import bias_fake_quant
+
 Array = jax.Array
 
 
@@ -41,22 +44,27 @@ def fold_batch_norm(
   return kernel * inv, beta + (b - mean) * inv
 
 
-def batch_moments(z: Array) -> tuple[Array, Array]:
-  """Mean and biased variance over every axis but the last (channels)."""
+def batch_moments(z: Array, fast_variance: bool = True) -> tuple[Array, Array]:
+  """Mean and biased variance over every axis but the last (channels), computed as
+  ``nn.BatchNorm`` does: E[z^2] - E[z]^2 (``use_fast_variance``) or E[(z - E[z])^2]."""
   axes = tuple(range(z.ndim - 1))
   mean = jnp.mean(z, axes)
+  if fast_variance:
+    return mean, jnp.maximum(0.0, jnp.mean(jnp.square(z), axes) - jnp.square(mean))
   return mean, jnp.mean(jnp.square(z - mean), axes)
 
 
 def folded_conv_bn(
     conv: nn.Module, bn: nn.Module, x_q: Array, z: Array, weight_quant: Any, calib: bool,
-    use_running_average: bool,
+    use_running_average: bool, input_scale: Array | None = None,
 ) -> Array:
   """Forward of a conv (already run in float as ``z``) folded into the BN that consumes it.
 
   ``conv`` and ``bn`` are the bound float modules (their scopes hold the parameters and
   statistics, under nn.Conv's and nn.BatchNorm's own names); ``x_q`` is the conv's
-  quantized input. Must be called inside ``bn``'s method (it reads/creates BN variables).
+  quantized input and ``input_scale`` its affine scale, if any (then b_fold is rounded to
+  the int32 grid S_in * S_w of integer inference). Must be called inside ``bn``'s method
+  (it reads/creates BN variables).
   """
   kernel = conv.get_variable("params", "kernel")
   bias = conv.get_variable("params", "bias") if conv.use_bias else None
@@ -68,7 +76,7 @@ def folded_conv_bn(
 
   train_stats = not use_running_average and bn.is_mutable_collection("batch_stats")
   if train_stats:
-    mu, var = batch_moments(z)
+    mu, var = batch_moments(z, getattr(bn, "use_fast_variance", True))
     if not bn.is_initializing():
       m = bn.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mu)
@@ -83,6 +91,9 @@ def folded_conv_bn(
     correction = jnp.sqrt(ra_var.value + bn.epsilon) * jax.lax.rsqrt(var + bn.epsilon)
   else:
     w_fold, b_fold = fold_batch_norm(kernel, bias, scale, beta, mu, var, bn.epsilon)
+  acc_scale = accumulator_scale(weight_quant, w_fold, input_scale, -1)
+  if acc_scale is not None:
+    b_fold = bias_fake_quant(b_fold, acc_scale)
   if weight_quant is not None:
     w_fold = weight_quant.fake_quant(w_fold, channel_axis=-1)
   fields = {f: getattr(conv, f) for f in ("features", "kernel_size", "strides", "padding", "input_dilation",

@@ -30,6 +30,7 @@ An op that does not (a float-only op, a zero-padded average) is reported by name
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -141,18 +142,28 @@ class Deploy:
 
   def quantize_input(self, x: Any) -> Array:
     """Float input -> integers on the first layer's input grid (uint8 or int8)."""
-    return jnp.asarray(quantize_input(x, self.input_scale, self.input_zero_point, self.input_range))
+    return quantize_input(x, self.input_scale, self.input_zero_point, self.input_range)
 
   def nbytes(self) -> int:
     return int(sum(np.asarray(a).nbytes for a in jax.tree.leaves((self.layers, self.out_scale))))
 
 
-def quantize_input(x: np.ndarray, scale: float, zero_point: int, int_range: tuple[int, int]) -> np.ndarray:
-  """Host-side input quantization: clip(r(x / scale) + zero_point) as uint8 (or int8)."""
+def quantize_input(x: Any, scale: float, zero_point: int, int_range: tuple[int, int]) -> Array:
+  """Input quantization: clip(r(x / scale) + zero_point) as uint8 (or int8).
+
+  Computed with the same jitted XLA division as the fake-quant forward: XLA divides by a
+  broadcast scale through its reciprocal, which differs from an IEEE division at a few
+  exact ties, and both paths must see the same codes.
+  """
   lo, hi = int_range
-  v = np.asarray(x, np.float32) / np.float32(scale)
-  q = np.clip(np.sign(v) * np.floor(np.abs(v) + 0.5) + zero_point, lo, hi)
-  return q.astype(np.uint8 if lo >= 0 else np.int8)
+  return _codes(jnp.asarray(x, jnp.float32), jnp.float32(scale), lo, hi, zero_point).astype(
+      jnp.uint8 if lo >= 0 else jnp.int8)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _codes(x: Array, scale: Array, lo: int, hi: int, zero_point: int = 0) -> Array:
+  """clip(r(x / scale) + zero_point, lo, hi) as int32, as the fake-quant forward rounds."""
+  return jnp.clip(qz.round_half_away(x / scale) + zero_point, lo, hi).astype(jnp.int32)
 
 
 def _is_int(x: Array) -> bool:
@@ -400,12 +411,14 @@ def convert(qmodel: QuantizedModel, variables: dict, x: Array, **apply_kwargs: A
       raise ValueError(f"integer conversion does not support conv-transpose layers yet ({path})")
     w_scale, _ = jax.jit(lambda w: wq.qparams(w, -1))(jnp.asarray(w))
     w_scale = np.asarray(w_scale, np.float32).reshape(-1) * np.ones(w.shape[-1], np.float32)
-    w_int = np.clip(np.sign(w / w_scale) * np.floor(np.abs(w / w_scale) + 0.5), *wq.int_range()).astype(np.int8)
-    acc_scale = np.float64(s_in) * w_scale.astype(np.float64)
-    bias = np.zeros(w.shape[-1]) if b is None else np.asarray(b, np.float64)
+    # the codes, float32 scales and bias of the fake-quant forward, computed the same way
+    w_int = np.asarray(_codes(jnp.asarray(w), jnp.asarray(w_scale), *wq.int_range())).astype(np.int8)
+    acc_scale32 = np.float32(s_in) * w_scale
+    acc_scale = acc_scale32.astype(np.float64)
+    bias = np.zeros(w.shape[-1], np.float32) if b is None else np.asarray(b, np.float32)
     entry.update(
         w=w_int, w_sum=w_int.astype(np.int32).sum(axis=tuple(range(w_int.ndim - 1))).astype(np.int32),
-        bias=np.round(bias / acc_scale).astype(np.int32),
+        bias=np.asarray(_codes(jnp.asarray(bias), jnp.asarray(acc_scale32), -(2**30), 2**30)),
     )
     entry["req_m"], entry["req_m_lo"], entry["req_s"] = _requant_arrays(decoded[0], producers, s_in, first)
     layers[path] = entry

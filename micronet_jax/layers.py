@@ -11,7 +11,10 @@ loads into a quantized model unchanged.
   ``quant_stats/<layer>/input``; it is updated only when ``quant_stats`` is mutable
   (``apply(..., mutable=['quant_stats'])``), so evaluation never moves a range.
 * The **kernel** is fake-quantized when it is read (the ``param`` hook below), per
-  output channel where the spec asks for it. The bias stays float, as in micronet.
+  output channel where the spec asks for it.
+* With affine (IAO) input and weight quantizers the **bias** is rounded to the int32 grid
+  of scale S_in * S_w that integer inference uses (``quantizers.bias_fake_quant``), so
+  the fake-quant and integer forwards agree; otherwise it stays float, as in micronet.
 """
 
 from __future__ import annotations
@@ -20,15 +23,18 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+
+from micronet_jax.quantizers import bias_fake_quant
 
 Array = jax.Array
 INPUT_STATS = "input"
 
 
-def quantize_input(module: nn.Module, x: Array, q: Any = None) -> Array:
-  """Fake-quantizes a layer's input with ``q`` (default ``module.act_quant``), keeping the
-  observer state in ``module``'s ``quant_stats``. Call it inside ``module``'s method."""
-  q = module.act_quant if q is None else q
+def quantize_input(module: nn.Module, x: Array, q: Any) -> Array:
+  """Fake-quantizes a layer's input with the activation quantizer ``q`` (None: as is),
+  keeping the observer state in ``module``'s ``quant_stats``. Call it inside
+  ``module``'s method."""
   if q is None:
     return x
   if q.init_state(x) is None:  # stateless (DoReFa): nothing to store
@@ -41,7 +47,27 @@ def quantize_input(module: nn.Module, x: Array, q: Any = None) -> Array:
   return x_q
 
 
+def input_scale(module: nn.Module, q: Any) -> Array | None:
+  """S_in of an affine input quantizer from the stored (this call's) observer state."""
+  if q is None or not hasattr(q, "qparams") or not module.has_variable("quant_stats", INPUT_STATS):
+    return None
+  return q.qparams(module.get_variable("quant_stats", INPUT_STATS))[0]
+
+
+def accumulator_scale(weight_quant: Any, kernel: Array, s_in: Array | None, out_axis: int) -> Array | None:
+  """S_in * S_w per output channel (broadcasting against the bias), or None when either
+  quantizer is not affine."""
+  if s_in is None or weight_quant is None or not hasattr(weight_quant, "qparams"):
+    return None
+  s_w = weight_quant.qparams(jax.lax.stop_gradient(kernel), out_axis)[0]
+  return s_in * jnp.reshape(s_w, (-1,)) if s_w.size > 1 else s_in * jnp.reshape(s_w, ())
+
+
 def quantize_kernel(module: nn.Module, name: str, value: Any, out_axis: int) -> Any:
+  if name == "bias":
+    scale = accumulator_scale(module.weight_quant, module.get_variable("params", "kernel"),
+                              input_scale(module, module.act_quant), out_axis)
+    return value if scale is None else bias_fake_quant(value, scale)
   if name != "kernel" or module.weight_quant is None:
     return value
   return module.weight_quant.fake_quant(value, channel_axis=out_axis)
@@ -58,7 +84,7 @@ class QuantDense(nn.Dense):
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
-    return super().__call__(quantize_input(self, inputs))
+    return super().__call__(quantize_input(self, inputs, self.act_quant))
 
 
 class QuantConv(nn.Conv):
@@ -76,7 +102,7 @@ class QuantConv(nn.Conv):
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
-    return super().__call__(quantize_input(self, inputs))
+    return super().__call__(quantize_input(self, inputs, self.act_quant))
 
 
 class QuantConvTranspose(nn.ConvTranspose):
@@ -94,7 +120,7 @@ class QuantConvTranspose(nn.ConvTranspose):
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
-    return super().__call__(quantize_input(self, inputs))
+    return super().__call__(quantize_input(self, inputs, self.act_quant))
 
 
 # float layer type -> its quantized counterpart; the transform swaps exactly these.

@@ -200,6 +200,17 @@ def affine_fake_quant(x: Array, scale: Array, zero_point: Array, qmin: int, qmax
   return clipped_round_ste(x / scale, qmin - zero_point, qmax - zero_point) * scale
 
 
+def bias_fake_quant(bias: Array, scale: Array) -> Array:
+  """The bias an integer kernel adds: r(b / scale) * scale, with scale = S_in * S_w.
+
+  Integer inference stores the bias as int32 at the accumulator's scale; fake-quantizing
+  it the same way during training and evaluation makes the fake-quant forward and the
+  integer forward agree to the last code. Identity STE; no gradient into ``scale``.
+  """
+  scale = jax.lax.stop_gradient(scale)
+  return round_ste(bias / scale) * scale
+
+
 @dataclasses.dataclass(frozen=True)
 class AffineWeight:
   """Affine (IAO) weight quantizer; ranges from the current weights (no state).

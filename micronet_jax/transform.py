@@ -24,7 +24,7 @@ from micronet_jax import ops
 from micronet_jax import quantizers as qz
 from micronet_jax.bn_fold import folded_conv_bn
 from micronet_jax.layers import (LAYER_KIND, QUANTIZED_COUNTERPART, QuantConv, QuantConvTranspose, QuantDense,
-                                 quantize_input)
+                                 input_scale, quantize_input)
 from micronet_jax.rules import QuantRule, first_match
 from micronet_jax.treeutil import shape_mismatches
 
@@ -119,7 +119,7 @@ class _Planner:
     x = args[0] if args else kwargs.get("x")
     call_ura = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
     ura = nn.merge_param("use_running_average", module.use_running_average, call_ura)
-    pending = self._pending.pop(id(x), None)
+    pending = self._pending.pop(id(x), None) if self.swap else None
     if pending is None:
       if not ura and not module.is_mutable_collection("batch_stats") and not module.is_initializing():
         # Statistics frozen (QAFT): a BatchNorm in training mode normalises with its
@@ -127,10 +127,10 @@ class _Planner:
         frozen = nn.BatchNorm(**{**_float_fields(module), "use_running_average": True}, parent=module.scope)
         return frozen(x, mask=kwargs.get("mask"))
       return next_fun(*args, **kwargs)
-    conv, x_q, plan = pending
+    conv, x_q, s_in, plan = pending
     self._own_calls += 1
     try:
-      return folded_conv_bn(conv, module, x_q, x, plan.weight, self.rules[plan.rule].bn_calib, ura)
+      return folded_conv_bn(conv, module, x_q, x, plan.weight, self.rules[plan.rule].bn_calib, ura, s_in)
     finally:
       self._own_calls -= 1
 
@@ -144,7 +144,6 @@ class _Planner:
         conv_path = self._conv_outputs.get(id(x))
         if conv_path is not None and module.axis in (-1, x.ndim - 1):
           self.bn_pairs.setdefault(conv_path, "/".join(module.scope.path))
-        return next_fun(*args, **kwargs)
       return self._batch_norm(next_fun, args, kwargs, module)
     if isinstance(module, ops.Add):
       return self._add(next_fun, args, kwargs, module)
@@ -166,7 +165,7 @@ class _Planner:
       # quantized, folded computation to the BatchNorm call that consumes it.
       x_q = quantize_input(module, args[0], plan.act)
       z = next_fun(*args, **kwargs)
-      self._pending[id(z)] = (module, x_q, plan)
+      self._pending[id(z)] = (module, x_q, input_scale(module, plan.act), plan)
       return z
     quant_cls = QUANTIZED_COUNTERPART[type(module)]
     layer = quant_cls(**_float_fields(module), weight_quant=plan.weight, act_quant=plan.act, parent=module.scope)
