@@ -16,6 +16,7 @@ import sys
 
 from micronet_jax import data as data_lib
 from micronet_jax import models
+from micronet_jax.errors import ConfigError
 from micronet_jax.observers import OBSERVERS
 
 OBSERVER_CHOICES = tuple(OBSERVERS)
@@ -87,13 +88,10 @@ def _add_train(sub) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-  from micronet_jax.experiment import ConfigError, TrainConfig, read_config, run
+  from micronet_jax.experiment import TrainConfig, read_config, run
 
   d = TrainConfig()
-  try:
-    src = read_config(args.from_run) if args.from_run else d
-  except ConfigError as e:
-    raise UsageError(f"--from: {e}") from None
+  src = read_config(args.from_run) if args.from_run else d
   model = args.model or src.model
   model_cfg = args.cfg if args.cfg is not None else (src.model_cfg if model == src.model else None)
   fixed = {"binary": (1, 1), "ternary": (2, 1)}.get(args.quant, (d.w_bits, d.a_bits))
@@ -102,24 +100,18 @@ def _train(args: argparse.Namespace) -> int:
   out = args.out
   if out is None:
     out = f"runs/{model}-{args.quant}" + ("" if args.quant == "float" else f"-w{args.w_bits}a{args.a_bits}")
-  try:
-    config = TrainConfig(
-        model=model, model_cfg=model_cfg, dataset=args.dataset or src.dataset, data_dir=args.data_dir,
-        quant=args.quant, sparsity=args.sparsity, from_run=args.from_run,
-        w_bits=args.w_bits, a_bits=args.a_bits, epochs=args.epochs, batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size, weight_decay=args.weight_decay, seed=args.seed,
-        lr=args.lr if args.lr is not None else (1e-5 if args.qaft else d.lr),
-        fold_bn=args.fold_bn or (src.fold_bn and args.quant == src.quant), qaft=args.qaft,
-        observer=args.observer if args.observer != d.observer else (src.observer if args.quant == src.quant
-                                                                     else d.observer),
-        out=out, limit_train=args.limit_train, limit_test=args.limit_test,
-    )
-  except ValueError as e:
-    raise UsageError(str(e)) from None
-  try:
-    m = run(config, progress=not args.no_progress)
-  except ConfigError as e:
-    raise UsageError(str(e)) from None
+  config = TrainConfig(
+      model=model, model_cfg=model_cfg, dataset=args.dataset or src.dataset, data_dir=args.data_dir,
+      quant=args.quant, sparsity=args.sparsity, from_run=args.from_run,
+      w_bits=args.w_bits, a_bits=args.a_bits, epochs=args.epochs, batch_size=args.batch_size,
+      eval_batch_size=args.eval_batch_size, weight_decay=args.weight_decay, seed=args.seed,
+      lr=args.lr if args.lr is not None else (1e-5 if args.qaft else d.lr),
+      fold_bn=args.fold_bn or (src.fold_bn and args.quant == src.quant), qaft=args.qaft,
+      observer=args.observer if args.observer != d.observer else (src.observer if args.quant == src.quant
+                                                                   else d.observer),
+      out=out, limit_train=args.limit_train, limit_test=args.limit_test,
+  )
+  m = run(config, progress=not args.no_progress)
   print(f"\n| run | epochs | test acc | best test acc | s/epoch |\n|---|---|---|---|---|\n"
         f"| {m['label']} | {m['epochs']} | {100 * m['test_accuracy']:.2f}% | "
         f"{100 * m['best_test_accuracy']:.2f}% | {m['seconds_per_epoch']:.1f} |")
@@ -156,7 +148,7 @@ def _add_ptq(sub) -> None:
 
 
 def _ptq(args: argparse.Namespace) -> int:
-  from micronet_jax.experiment import ConfigError, ptq_run
+  from micronet_jax.experiment import ptq_run
   from micronet_jax.quantizers import MAX_BITS, MIN_BITS
 
   for name in ("w_bits", "a_bits"):
@@ -164,11 +156,8 @@ def _ptq(args: argparse.Namespace) -> int:
       raise UsageError(f"--{name.replace('_', '-')} must be in {MIN_BITS}..{MAX_BITS}, got {getattr(args, name)}")
   if args.batches < 1 or args.batch_size < 1:
     raise UsageError("--batches and --batch-size must be at least 1")
-  try:
-    ptq_run(args.from_run, args.out, args.method, args.w_bits, args.a_bits, args.batches, args.batch_size,
-            not args.no_fold_bn, args.data_dir, args.seed, progress=not args.no_progress)
-  except ConfigError as e:
-    raise UsageError(str(e)) from None
+  ptq_run(args.from_run, args.out, args.method, args.w_bits, args.a_bits, args.batches, args.batch_size,
+          not args.no_fold_bn, args.data_dir, args.seed, progress=not args.no_progress)
   print(f"wrote {args.out} (fine-tune it with: micronet-jax train --from {args.out} --quant iao --qaft ...)")
   return 0
 
@@ -195,16 +184,13 @@ def _add_prune(sub) -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
-  from micronet_jax.experiment import ConfigError, prune_run
+  from micronet_jax.experiment import prune_run
 
   if not 0.0 <= args.percent < 1.0:
     raise UsageError(f"--percent must be in [0, 1), got {args.percent}")
   if args.regular < 1:
     raise UsageError(f"--regular must be >= 1, got {args.regular}")
-  try:
-    prune_run(args.from_run, args.out, args.percent, args.regular, not args.no_compensate, args.data_dir)
-  except ConfigError as e:
-    raise UsageError(str(e)) from None
+  prune_run(args.from_run, args.out, args.percent, args.regular, not args.no_compensate, args.data_dir)
   print(f"wrote {args.out} (fine-tune it with: micronet-jax train --from {args.out} --quant float ...)")
   return 0
 
@@ -226,12 +212,9 @@ def _add_convert(sub) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-  from micronet_jax.experiment import ConfigError, convert_run
+  from micronet_jax.experiment import convert_run
 
-  try:
-    convert_run(args.from_run, args.out, args.data_dir)
-  except ConfigError as e:
-    raise UsageError(str(e)) from None
+  convert_run(args.from_run, args.out, args.data_dir)
   print(f"wrote {args.out} (evaluate it with: micronet-jax eval --artifact {args.out})")
   return 0
 
@@ -249,14 +232,11 @@ def _add_eval(sub) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-  from micronet_jax.experiment import ConfigError, eval_artifact
+  from micronet_jax.experiment import eval_artifact
 
   if args.limit_test is not None and args.limit_test < 1:
     raise UsageError(f"--limit-test must be at least 1, got {args.limit_test}")
-  try:
-    eval_artifact(args.artifact, args.data_dir, limit_test=args.limit_test)
-  except ConfigError as e:
-    raise UsageError(str(e)) from None
+  eval_artifact(args.artifact, args.data_dir, limit_test=args.limit_test)
   return 0
 
 
@@ -279,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     return args.func(args)
-  except (UsageError, data_lib.DataError) as e:
+  except (UsageError, ConfigError, data_lib.DataError) as e:
     print(f"micronet-jax {args.command}: error: {e}", file=sys.stderr)
     return EXIT_USAGE
   except KeyboardInterrupt:

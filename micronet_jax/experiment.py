@@ -24,6 +24,7 @@ from micronet_jax import data as data_lib
 from micronet_jax import binary as binary_lib
 from micronet_jax import models, prune as prune_lib, rules as rules_lib, train as train_lib
 from micronet_jax.calibrate import calibrate, make_observer
+from micronet_jax.errors import ConfigError
 from micronet_jax.observers import OBSERVERS as OBSERVER_NAMES
 from micronet_jax.quantizers import MAX_BITS, MIN_BITS
 from micronet_jax.stats import model_stats
@@ -37,8 +38,6 @@ BINARY_LAYERS = {"lenet": "all"}
 INPUT_SHAPES = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1)}
 
 
-class ConfigError(ValueError):
-  """A run cannot start with these settings (the CLI reports it and exits with 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
