@@ -48,6 +48,7 @@ from micronet_jax.transform import LayerPlan, QuantizedModel
 Array = jax.Array
 TAG = 4096  # tag = producer * TAG + channel + 1: exact in float32 up to 4096 producers/channels
 MULT_BITS = 15  # requantization multipliers m in [2^14, 2^15)
+ADD_FRACTION_BITS = 8  # an ops.Add's int32 sum is kept at 1/256 of its input step
 
 
 # ----------------------------------------------------------------------------- fixed point
@@ -211,7 +212,8 @@ def _int_add(p: dict, a: Array, b: Array) -> Array:
   qa = _requantize(a, per("a")).astype(jnp.int32)
   qb = _requantize(b, per("b")).astype(jnp.int32)
   zp8 = p["in_zp"] - p["in_offset"]
-  return (qa - zp8) + (qb - zp8)
+  # ADD_FRACTION_BITS extra bits: a pool that averages the sum keeps its fraction
+  return ((qa - zp8) + (qb - zp8)) << ADD_FRACTION_BITS
 
 
 class _IntegerInterceptor:
@@ -259,6 +261,9 @@ def integer_apply(deploy: Deploy, x_q: Array, dequantize: bool = True, capture: 
   acc = x_q.astype(jnp.int32) - deploy.input_zero_point
   with nn.intercept_methods(_IntegerInterceptor(deploy, capture)):
     out = deploy.model.apply({}, acc, **dict(deploy.apply_kwargs))
+  if not _is_int(out):
+    raise ValueError(f"the model's output is {out.dtype} in integer inference: an op after the last layer is "
+                     "float-only (use micronet_jax.ops.global_avg_pool for averages)")
   return out * deploy.out_scale if dequantize else out
 
 
@@ -271,8 +276,10 @@ def fake_quant_codes(qmodel: QuantizedModel, variables: dict, x: Array, **apply_
 
   def record(next_fun, args, kwargs, context):
     m = context.module
-    if context.method_name == "__call__" and isinstance(m, (nn.Dense, nn.Conv)) and not hasattr(m, "act_quant"):
-      seen.setdefault("/".join(m.scope.path), args[0])
+    path = "/".join(m.scope.path)
+    if (context.method_name == "__call__" and isinstance(m, (nn.Dense, nn.Conv)) and path in plans
+        and not hasattr(m, "act_quant")):
+      seen[path] = args[0]  # the last call is the swapping pass's (not the discovery pass's)
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):  # outermost: sees the float layers' inputs
@@ -361,6 +368,11 @@ def convert(qmodel: QuantizedModel, variables: dict, x: Array, **apply_kwargs: A
   """QAT/PTQ variables -> ``Deploy`` (see the module docstring). ``x``: an example input."""
   apply_kwargs = {"train": False, **apply_kwargs}
   plans = {p.path: p for p in qmodel.plan(x[:1], **apply_kwargs)}
+  for p in plans.values():  # name the quantizer when it is the reason
+    for q in (p.weight, p.act):
+      if q is not None and not isinstance(q, (qz.AffineWeight, qz.AffineActivation)):
+        raise ValueError(f"integer conversion supports affine (IAO) quantizers; layer {p.path} uses "
+                         f"{type(q).__name__}")
   tracer = _TagTracer(plans)
   x_tag = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.float32) + 1, (1, *x.shape[1:]))
   with nn.intercept_methods(tracer):
@@ -380,6 +392,9 @@ def convert(qmodel: QuantizedModel, variables: dict, x: Array, **apply_kwargs: A
   first = None
   for path in tracer.producers[1:]:
     plan, module = plans[path], tracer.modules[path]
+    if not isinstance(plan.act, qz.AffineActivation):
+      raise ValueError(f"integer conversion supports affine (IAO) activations; {path} has "
+                       f"{type(plan.act).__name__}")
     s_in, zp, qmin, qmax = _input_qparams(plan, lookup(stats, path)["input"])
     offset = 128 if qmin >= 0 else 0
     entry: dict[str, Any] = {"in_zp": np.int32(zp), "in_qmin": np.int32(qmin), "in_qmax": np.int32(qmax),
@@ -393,7 +408,7 @@ def convert(qmodel: QuantizedModel, variables: dict, x: Array, **apply_kwargs: A
             d, producers, s_in, first)
       layers[path] = entry
       channels = decoded[0].shape[-2]  # decoded: (..., C, 2)
-      producers[path] = _Producer(path, np.full(channels, s_in, np.float64))
+      producers[path] = _Producer(path, np.full(channels, s_in / 2**ADD_FRACTION_BITS, np.float64))
       continue
     w = np.asarray(lookup(params, path)["kernel"], np.float32)
     b = lookup(params, path).get("bias") if module.use_bias else None
