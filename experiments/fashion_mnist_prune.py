@@ -33,8 +33,9 @@ def main() -> int:
   p.add_argument("--sparsity", type=float, default=1e-3)
   p.add_argument("--percent", type=float, default=0.5)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--skip-float", action="store_true",
-                 help="reuse RUNS_DIR/float from an earlier run of this script (same --epochs and --seed)")
+  p.add_argument("--reuse", action="store_true",
+                 help="skip a step whose run directory already has metrics.json from an earlier run of this "
+                 "script with the same settings")
   p.add_argument("--runs-dir", default="runs/fashion_mnist_prune")
   p.add_argument("--results-dir", default=os.path.join(HERE, "results"))
   args = p.parse_args()
@@ -52,8 +53,9 @@ def main() -> int:
                     f"--lr 1e-4 {common} --out {d}/pruned-iao-w8a8",
   }
   for name, c in commands.items():
-    if name == "float" and args.skip_float and os.path.exists(os.path.join(d, "float", "metrics.json")):
-      print(f"\n=== {name}: reusing {d}/float (made by: micronet-jax {c})", flush=True)
+    run_dir = c.rsplit("--out ", 1)[1].split()[0]
+    if args.reuse and os.path.exists(os.path.join(run_dir, "metrics.json")):
+      print(f"\n=== {name}: reusing {run_dir} (made by: micronet-jax {c})", flush=True)
       continue
     print(f"\n=== {name}: micronet-jax {c}", flush=True)
     rc = cli.main(shlex.split(c))
