@@ -9,6 +9,8 @@ import os
 import struct
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -86,3 +88,18 @@ def fashion_mnist_dir():
 def fashion_mnist_small(fashion_mnist_dir):
   """2000 training and 1000 test images of the real Fashion-MNIST."""
   return data.subset(data.load("fashion_mnist", fashion_mnist_dir), 2000, 1000)
+
+
+def init_variables(model, x, seed: int = 0) -> dict:
+  """Float variables of the shapes ``model.init`` gives, drawn with numpy: a jitted init
+  compiles every initializer (seconds per model on this machine) for nothing we test.
+  Kernels LeCun-normal (Flax's default), biases 0, BN scale 1, running mean 0, var 1."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, sd):
+    name = path[-1].key
+    if name == "kernel":
+      return jnp.asarray(rng.normal(size=sd.shape) / np.sqrt(np.prod(sd.shape[:-1])), sd.dtype)
+    return jnp.full(sd.shape, 1.0 if name in ("scale", "var") else 0.0, sd.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(lambda: model.init(jax.random.key(0), x)))

@@ -16,24 +16,10 @@ from micronet_jax.bn_fold import batch_moments, fold_batch_norm
 from micronet_jax.calibrate import calibrate
 from micronet_jax.models import NIN
 from micronet_jax.ops import global_avg_pool
+from tests.conftest import init_variables
 
 KEY = jax.random.key(0)
 X = jax.random.normal(jax.random.key(1), (4, 8, 8, 2))
-
-
-def init_variables(model, x, seed: int = 0) -> dict:
-  """Float variables of the shapes ``model.init`` gives, drawn with numpy: a jitted init
-  compiles every initializer (seconds per model on this machine) for nothing we test.
-  Kernels LeCun-normal (Flax's default), biases 0, BN scale 1, running mean 0, var 1."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, sd):
-    name = path[-1].key
-    if name == "kernel":
-      return jnp.asarray(rng.normal(size=sd.shape) / np.sqrt(np.prod(sd.shape[:-1])), sd.dtype)
-    return jnp.full(sd.shape, 1.0 if name in ("scale", "var") else 0.0, sd.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(lambda: model.init(KEY, x)))
 
 
 OFF = mj.QuantRule(fold_bn=True)  # folding with quantization off: weight=None, act=None

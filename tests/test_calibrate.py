@@ -14,23 +14,9 @@ from micronet_jax import train
 from micronet_jax.calibrate import METHODS, calibrate, make_observer, ptq_rules
 from micronet_jax.data import train_batches
 from micronet_jax.models import LeNet
+from tests.conftest import init_variables
 
 KEY = jax.random.key(0)
-
-
-def init_variables(model, x, seed: int = 0) -> dict:
-  """Float variables of the shapes ``model.init`` gives, drawn with numpy: a jitted init
-  compiles every initializer (seconds per model on this machine) for nothing we test.
-  Kernels LeCun-normal (Flax's default), biases 0, BN scale 1, running mean 0, var 1."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, sd):
-    name = path[-1].key
-    if name == "kernel":
-      return jnp.asarray(rng.normal(size=sd.shape) / np.sqrt(np.prod(sd.shape[:-1])), sd.dtype)
-    return jnp.full(sd.shape, 1.0 if name in ("scale", "var") else 0.0, sd.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(lambda: model.init(KEY, x)))
 
 
 def rand(shape, seed=0, scale=1.0):

@@ -28,24 +28,10 @@ from micronet_jax.calibrate import calibrate
 from micronet_jax.convert import (Deploy, convert, fake_quant_codes, integer_apply, precise_mul_shift,
                                   precise_multiplier, quantize_multiplier, rounding_mul_shift)
 from micronet_jax.models import NIN, LeNet
+from tests.conftest import init_variables
 
 KEY = jax.random.key(0)
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-
-
-def init_variables(model, x, seed: int = 0) -> dict:
-  """Float variables of the shapes ``model.init`` gives, drawn with numpy: a jitted init
-  compiles every initializer (seconds per model on this machine) for nothing we test.
-  Kernels LeCun-normal (Flax's default), biases 0, BN scale 1, running mean 0, var 1."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, sd):
-    name = path[-1].key
-    if name == "kernel":
-      return jnp.asarray(rng.normal(size=sd.shape) / np.sqrt(np.prod(sd.shape[:-1])), sd.dtype)
-    return jnp.full(sd.shape, 1.0 if name in ("scale", "var") else 0.0, sd.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(lambda: model.init(KEY, x)))
 
 
 # ----------------------------------------------------------------------------- fixed point
