@@ -271,7 +271,7 @@ def summary(qmodel: QuantizedModel, *args, print_fn: Callable[[str], Any] | None
         p.path, p.kind, mode,
         qz.describe(p.weight), str(p.weight.bits) if p.weight is not None else "32",
         qz.describe(p.act), str(p.act.bits) if p.act is not None else "32",
-        (f"{p.rule}: " if p.rule is not None else "") + (p.note or "") if (p.note or p.rule is not None) else "-",
+        ": ".join(str(part) for part in (p.rule, p.note) if part not in (None, "")) or "-",
     ))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   fmt = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths))
