@@ -322,8 +322,9 @@ class _TagTracer:
     prod, chan = np.floor_divide(t, TAG), np.mod(t, TAG)
     if np.any(t < 0) or np.any(t != np.round(t)) or np.any(prod >= len(self.producers)):
       raise ValueError(f"the input of {path} is not a quantized tensor carried unchanged from a layer: an op "
-                       "between layers is not integer-exact (e.g. a zero-padded average, a float-only op). "
-                       "Use micronet_jax.ops helpers.")
+                       "between layers is not integer-exact (e.g. a BatchNorm that is not folded: use "
+                       "iao_rules(fold_bn=True); a float multiply; a zero-padded average: use micronet_jax.ops "
+                       "helpers)")
     return np.stack([prod, chan], -1).astype(np.int64)
 
   def _emit(self, path: str, shape: tuple[int, ...]) -> Array:
