@@ -69,8 +69,9 @@ def _add_train(sub) -> None:
   p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d.lr}; 1e-5 with --qaft)")
   p.add_argument("--fold-bn", action="store_true",
                  help="iao: fold every BatchNorm that directly consumes a conv into the quantized conv")
-  p.add_argument("--observer", default=d.observer, choices=OBSERVER_CHOICES,
-                 help="iao: activation range observer")
+  p.add_argument("--observer", default=None, choices=OBSERVER_CHOICES,
+                 help=f"iao: activation range observer (default: {d.observer}, or the --from run's when it "
+                 "has the same --quant)")
   p.add_argument("--qaft", action="store_true",
                  help="quantization-aware fine-tuning of a QAT/PTQ run (--from): observers and BatchNorm "
                  "statistics frozen, weights, gamma and beta train")
@@ -107,8 +108,7 @@ def _train(args: argparse.Namespace) -> int:
       eval_batch_size=args.eval_batch_size, weight_decay=args.weight_decay, seed=args.seed,
       lr=args.lr if args.lr is not None else (1e-5 if args.qaft else d.lr),
       fold_bn=args.fold_bn or (src.fold_bn and args.quant == src.quant), qaft=args.qaft,
-      observer=args.observer if args.observer != d.observer else (src.observer if args.quant == src.quant
-                                                                   else d.observer),
+      observer=args.observer or (src.observer if args.quant == src.quant else d.observer),
       out=out, limit_train=args.limit_train, limit_test=args.limit_test,
   )
   m = run(config, progress=not args.no_progress)
