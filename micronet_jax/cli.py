@@ -29,7 +29,7 @@ class UsageError(Exception):
 
 
 def _add_train(sub) -> None:
-  from micronet_jax.experiment import QUANT_METHODS, TrainConfig
+  from micronet_jax.experiment import LR_SCHEDULES, QUANT_METHODS, TrainConfig
 
   d = TrainConfig()
   p = sub.add_parser(
@@ -67,6 +67,8 @@ def _add_train(sub) -> None:
   p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
   p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size")
   p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d.lr}; 1e-5 with --qaft)")
+  p.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES,
+                 help="constant learning rate, or cosine decay from --lr to 0 over all steps")
   p.add_argument("--fold-bn", action="store_true",
                  help="iao: fold every BatchNorm that directly consumes a conv into the quantized conv")
   p.add_argument("--observer", default=None, choices=OBSERVER_CHOICES,
@@ -106,7 +108,7 @@ def _train(args: argparse.Namespace) -> int:
       quant=args.quant, sparsity=args.sparsity, from_run=args.from_run,
       w_bits=args.w_bits, a_bits=args.a_bits, epochs=args.epochs, batch_size=args.batch_size,
       eval_batch_size=args.eval_batch_size, weight_decay=args.weight_decay, seed=args.seed,
-      lr=args.lr if args.lr is not None else (1e-5 if args.qaft else d.lr),
+      lr=args.lr if args.lr is not None else (1e-5 if args.qaft else d.lr), lr_schedule=args.lr_schedule,
       fold_bn=args.fold_bn or (src.fold_bn and args.quant == src.quant), qaft=args.qaft,
       observer=args.observer or (src.observer if args.quant == src.quant else d.observer),
       out=out, limit_train=args.limit_train, limit_test=args.limit_test,

@@ -32,6 +32,7 @@ from micronet_jax.transform import QuantizedModel, quantize_model, quantize_vari
 
 QUANT_METHODS = ("float", *rules_lib.PRESETS)
 BINARY_BITS = {"binary": 1, "ternary": 2}  # weight bits of the wbwtab methods
+LR_SCHEDULES = ("constant", "cosine")
 # Which layers the binary preset counts: micronet's convs only, or also dense layers for
 # networks with only two convs (LeNet: conv1 and the classifier float, conv2 and fc1 binary).
 BINARY_LAYERS = {"lenet": "all"}
@@ -53,6 +54,7 @@ class TrainConfig:
   batch_size: int = 128
   eval_batch_size: int = 1000
   lr: float = 1e-3
+  lr_schedule: str = "constant"  # or "cosine": decays to 0 over all training steps
   weight_decay: float = 0.0
   sparsity: float = 0.0  # network-slimming L1 strength on BatchNorm scales
   observer: str = "moving_average"  # iao activation observer / calibration method
@@ -94,6 +96,8 @@ class TrainConfig:
         raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
     if not self.lr > 0:
       raise ValueError(f"lr must be > 0, got {self.lr}")
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise ValueError(f"unknown lr schedule {self.lr_schedule!r}; choose one of {list(LR_SCHEDULES)}")
     for name in ("weight_decay", "sparsity"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -113,6 +117,18 @@ class TrainConfig:
 
   def example_input(self) -> jax.Array:
     return jnp.zeros((1, *INPUT_SHAPES[self.dataset]), jnp.float32)
+
+
+def learning_rate(config: TrainConfig, total_steps: int) -> float | optax.Schedule:
+  """``config.lr`` held constant, or cosine-decayed from it to 0 over ``total_steps``.
+
+  Binary and ternary weights need the decay most: with a constant rate their latent
+  weights keep crossing zero, so the sign pattern (and the test accuracy) jumps between
+  epochs until the last one.
+  """
+  if config.lr_schedule == "cosine":
+    return optax.cosine_decay_schedule(config.lr, max(total_steps, 1))
+  return config.lr
 
 
 def build(config: TrainConfig, num_classes: int = 10):
@@ -197,7 +213,8 @@ def run(config: TrainConfig, progress: bool = True, log: Callable[[str], Any] = 
   variables = _start_variables(config, net, x0, log)
   if isinstance(net, QuantizedModel):
     log(summary(net, x0, train=False, print_fn=None))
-  tx = train_lib.make_optimizer(config.lr, config.weight_decay)
+  total_steps = config.epochs * (len(dataset.x_train) // config.batch_size)
+  tx = train_lib.make_optimizer(learning_rate(config, total_steps), config.weight_decay)
   if config.sparsity:
     tx = optax.chain(prune_lib.bn_sparsity(config.sparsity), tx)
   # QAFT: observers and BatchNorm statistics stay as the QAT/PTQ run left them.

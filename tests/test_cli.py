@@ -82,8 +82,9 @@ def test_bad_values_exit_2(capsys, tmp_path, no_data_sources, args, message):
         (["--model", "foo"], "argument --model: invalid choice: 'foo'"),
         (["--dataset", "cifar10"], "argument --dataset: invalid choice: 'cifar10'"),
         (["--w-bits", "eight"], "argument --w-bits: invalid int value: 'eight'"),
+        (["--lr-schedule", "step"], "argument --lr-schedule: invalid choice: 'step'"),
     ],
-    ids=["quant", "model", "dataset", "w-bits-not-int"],
+    ids=["quant", "model", "dataset", "w-bits-not-int", "lr-schedule"],
 )
 def test_bad_choices_exit_2(capsys, tmp_path, no_data_sources, args, message):
   rc, out, err = run_cli(capsys, "train", *args, "--out", tmp_path / "run")

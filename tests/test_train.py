@@ -120,6 +120,34 @@ def test_make_optimizer_without_decay_is_adam_and_takes_schedules():
       np.testing.assert_allclose(u[k], r[k], rtol=1e-6)
 
 
+def test_learning_rate_constant_and_cosine():
+  const = experiment.TrainConfig(lr=0.01)
+  assert experiment.learning_rate(const, 100) == 0.01
+  sched = experiment.learning_rate(experiment.TrainConfig(lr=0.01, lr_schedule="cosine"), 100)
+  # 0.01 * (1 + cos(pi t / 100)) / 2
+  np.testing.assert_allclose([float(sched(t)) for t in (0, 25, 50, 100, 150)],
+                             [0.01, 0.01 * (1 + np.cos(np.pi / 4)) / 2, 0.005, 0.0, 0.0], rtol=1e-6, atol=1e-9)
+
+
+def test_cosine_schedule_reaches_the_optimizer():
+  """The update of step t is Adam's direction times lr(t): the last step barely moves."""
+  rng = np.random.default_rng(5)
+  p, g = _tree(rng), _tree(rng)
+  config = experiment.TrainConfig(lr=0.01, lr_schedule="cosine")
+  tx, ref = train.make_optimizer(experiment.learning_rate(config, 4)), optax.adam(0.01)
+  s, r = tx.init(p), ref.init(p)
+  for t in range(4):
+    u, s = tx.update(g, s, p)
+    v, r = ref.update(g, r, p)
+    for k in p:
+      np.testing.assert_allclose(u[k], v[k] * (1 + np.cos(np.pi * t / 4)) / 2, rtol=1e-5, atol=1e-12)
+
+
+def test_unknown_lr_schedule_is_a_config_error():
+  with pytest.raises(experiment.ConfigError, match="unknown lr schedule 'linear'"):
+    experiment.TrainConfig(lr_schedule="linear")
+
+
 # ----------------------------------------------------------------------------- steps
 
 
