@@ -18,13 +18,12 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import jax
 import numpy as np
 
 from micronet_jax import binary_deploy, data as data_lib
-from micronet_jax.experiment import TrainConfig, load_run, run
+from micronet_jax.experiment import TrainConfig, load_run, read_config, run
 from micronet_jax.train import package_versions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,10 +34,10 @@ ROWS = {  # name: (quant, w_bits, a_bits)
     "binary-w1a1": ("binary", 1, 1),
     "ternary-w2a1": ("ternary", 2, 1),
 }
-# NIN at about 1/6 of micronet's widths. (NIN-GC would be micronet's choice, but XLA's CPU
+# NIN at 1/6 to 1/2 of micronet's widths (binary layers need width; this fits the CPU budget). (NIN-GC would be micronet's choice, but XLA's CPU
 # grouped convolutions are ~20x slower per MAC than plain ones: 9 s per batch-128 step at
 # 1/8 width on this 2-core machine, against 0.4 s for this NIN.)
-NIN_CFG = (24, 24, 24, 32, 32, 32, 48, 48)
+NIN_CFG = (32, 32, 32, 64, 64, 64, 96, 96)
 
 
 def command(cfg: TrainConfig) -> str:
@@ -50,7 +49,10 @@ def command(cfg: TrainConfig) -> str:
     parts.append(f"--w-bits {cfg.w_bits} --a-bits {cfg.a_bits}")
   if cfg.limit_train is not None:
     parts.append(f"--limit-train {cfg.limit_train}")
-  parts.append(f"--epochs {cfg.epochs} --batch-size {cfg.batch_size} --lr {cfg.lr} --seed {cfg.seed} --out {cfg.out}")
+  if cfg.from_run is not None:
+    parts.append(f"--from {cfg.from_run}")
+  parts.append(f"--epochs {cfg.epochs} --batch-size {cfg.batch_size} --lr {cfg.lr} --lr-schedule {cfg.lr_schedule} "
+               f"--seed {cfg.seed} --out {cfg.out}")
   return " ".join(parts)
 
 
@@ -98,33 +100,51 @@ def main() -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--nets", nargs="+", default=["lenet", "nin"], choices=["lenet", "nin"])
   p.add_argument("--runs", nargs="+", default=list(ROWS), choices=list(ROWS))
-  p.add_argument("--lenet-epochs", type=int, default=5)
-  p.add_argument("--nin-epochs", type=int, default=3)
-  p.add_argument("--nin-limit-train", type=int, default=15000,
-                 help="NIN trains on the first N training images (CPU budget); LeNet on all 60,000")
-  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--lenet-epochs", type=int, default=10)
+  p.add_argument("--nin-epochs", type=int, default=5)
+  p.add_argument("--nin-limit-train", type=int, default=None,
+                 help="NIN trains on the first N training images (default: all 60,000)")
+  p.add_argument("--scratch", action="store_true",
+                 help="train the binary/ternary runs from random weights instead of from the float run's "
+                 "(micronet's --refine; the float run must be among --runs or already in --runs-dir)")
+  p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (micronet's 0.01)")
+  p.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
+  p.add_argument("--nin-cfg", type=int, nargs=8, default=NIN_CFG, help="NIN channel widths")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
   p.add_argument("--runs-dir", default="runs/fashion_mnist_binary", help="where the run directories go")
   p.add_argument("--results-dir", default=os.path.join(HERE, "results"), help="where the table goes")
+  p.add_argument("--reuse", action="store_true",
+                 help="skip a run whose directory already holds metrics.json with exactly this run's config "
+                 "(the packed deploy is still rebuilt and evaluated)")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args()
 
   dataset = data_lib.load("fashion_mnist", args.data_dir)
   results, commands = {}, []
-  start = time.perf_counter()
   for net in args.nets:
+    float_dir = os.path.join(args.runs_dir, f"{net}-float")
+    if not args.scratch and "float" not in args.runs and not os.path.isdir(float_dir):
+      p.error(f"no float run to start from: add float to --runs, train {float_dir}, or pass --scratch")
     for name in args.runs:
       quant, w, a = ROWS[name]
       cfg = TrainConfig(
-          model=net, model_cfg=NIN_CFG if net == "nin" else None, dataset="fashion_mnist",
+          model=net, model_cfg=tuple(args.nin_cfg) if net == "nin" else None, dataset="fashion_mnist",
           data_dir=args.data_dir, quant=quant, w_bits=w, a_bits=a,
           epochs=args.lenet_epochs if net == "lenet" else args.nin_epochs,
           limit_train=args.nin_limit_train if net == "nin" else None,
-          batch_size=128, lr=args.lr, seed=args.seed, out=os.path.join(args.runs_dir, f"{net}-{name}"))
+          batch_size=128, lr=args.lr, lr_schedule=args.lr_schedule, seed=args.seed,
+          from_run=None if quant == "float" or args.scratch else float_dir,
+          out=os.path.join(args.runs_dir, f"{net}-{name}"))
       commands.append(command(cfg))
-      print(f"\n=== {net} {name}: {commands[-1]}", flush=True)
-      m = run(cfg, progress=not args.no_progress)
+      metrics_file = os.path.join(cfg.out, "metrics.json")
+      if args.reuse and os.path.exists(metrics_file) and read_config(cfg.out) == cfg:
+        print(f"\n=== {net} {name}: reusing {cfg.out} (made by: {commands[-1]})", flush=True)
+        with open(metrics_file) as f:
+          m = json.load(f)
+      else:
+        print(f"\n=== {net} {name}: {commands[-1]}", flush=True)
+        m = run(cfg, progress=not args.no_progress)
       if quant != "float":
         acc, agree, nbytes = packed_accuracy(cfg.out, dataset, xnor=False)
         m["deploy"] = {"accuracy": acc, "agreement": agree, "bytes": nbytes, "xnor_accuracy": None}
@@ -139,18 +159,24 @@ def main() -> int:
   versions = package_versions()
   cmdline = (f"python experiments/fashion_mnist_binary.py --nets {' '.join(args.nets)} --runs {' '.join(args.runs)} "
              f"--lenet-epochs {args.lenet_epochs} --nin-epochs {args.nin_epochs} "
-             f"--nin-limit-train {args.nin_limit_train} --lr {args.lr} --seed {args.seed}")
+             f"--nin-cfg {' '.join(map(str, args.nin_cfg))} "
+             + (f"--nin-limit-train {args.nin_limit_train} " if args.nin_limit_train else "")
+             + ("--scratch " if args.scratch else "") + f"--lr {args.lr} --lr-schedule {args.lr_schedule} --seed {args.seed}")
   md = [
       "# Binary and ternary networks on Fashion-MNIST (micronet's wbwtab)",
       "",
-      f"Produced by `{cmdline}` in {(time.perf_counter() - start) / 60:.1f} minutes on "
-      f"{versions['devices']} ({os.cpu_count()} cores), which runs, one after another:",
+      f"Produced by `{cmdline}` on {versions['devices']} ({os.cpu_count()} cores), which runs, one after "
+      f"another (training alone: {sum(m['total_seconds'] for m in results.values()) / 60:.1f} minutes in all):",
       "",
       "```",
       *commands,
       "```",
       "",
-      f"Seed {args.seed}; Adam lr {args.lr}, batch 128, no weight decay, from scratch; test accuracy on the "
+      f"Seed {args.seed}; Adam lr {args.lr} ({args.lr_schedule} schedule), batch 128, no weight decay; "
+      + ("every run from random weights" if args.scratch else
+         "float from random weights, then every binary/ternary run from the float run's weights (`--from`, "
+         "micronet's `--refine`), for as many epochs again")
+      + "; test accuracy on the "
       "10,000 test images after each epoch (\"best\" is the maximum over epochs, \"last\" the final epoch). "
       "s/epoch excludes the first epoch (compilation).",
       "",
@@ -158,8 +184,9 @@ def main() -> int:
       "binary/ternary; with A1 every conv after the first gets a binary input, the sign replacing the ReLU). "
       "LeNet has only two convs, so its dense layers count too: conv1 and the classifier keep float weights, "
       "conv2 and fc1 are binary/ternary, and with A1 conv2, fc1 and the classifier get binary inputs. "
-      f"NIN widths `--cfg {' '.join(map(str, NIN_CFG))}` (about 1/6 of micronet's), trained on the first "
-      f"{args.nin_limit_train:,} training images to fit the CPU budget; LeNet on all 60,000. micronet's own "
+      f"NIN widths `--cfg {' '.join(map(str, args.nin_cfg))}`, trained on "
+      + (f"the first {args.nin_limit_train:,}" if args.nin_limit_train else "all 60,000")
+      + " training images; LeNet on all 60,000. micronet's own "
       "choice, NIN-GC, is not used: XLA's CPU grouped convolutions are about 20x slower per MAC than plain ones.",
       "",
       "Size as micronet's table: parameters (BatchNorm included), MB = 10^6 bytes with binary kernels at 1 bit, "

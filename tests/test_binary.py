@@ -181,6 +181,28 @@ def test_act_field_keeps_default_models_unchanged():
   assert LeNet(act=nn.relu) == LeNet()  # the default is the model as it was
 
 
+def test_binary_activation_lenet_is_built_without_dropout():
+  """sign(0) = +1 would turn each dropped unit into +1; A32 and float keep the dropout."""
+  from micronet_jax.experiment import TrainConfig, build
+
+  rates = {}
+  for quant, a in (("float", 32), ("binary", 1), ("ternary", 1), ("binary", 32)):
+    float_model, _ = build(TrainConfig(model="lenet", quant=quant, w_bits=32 if quant == "float" else
+                                       {"binary": 1, "ternary": 2}[quant], a_bits=a))
+    rates[quant, a] = float_model.dropout_rate
+  assert rates == {("float", 32): 0.5, ("binary", 1): 0.0, ("ternary", 1): 0.0, ("binary", 32): 0.5}
+
+
+def test_lenet_dropout_rate_zero_trains_deterministically():
+  x = jax.random.normal(KEY, (4, 28, 28, 1))
+  model = LeNet(dropout_rate=0.0)
+  v = model.init(KEY, x)
+  train_out = model.apply(v, x, train=True, rngs={"dropout": jax.random.key(1)})
+  np.testing.assert_array_equal(train_out, model.apply(v, x, train=False))
+  dropped = LeNet().apply(v, x, train=True, rngs={"dropout": jax.random.key(1)})
+  assert not np.allclose(dropped, train_out)  # the default still drops
+
+
 def test_one_input_channel_center_clip_is_an_error_naming_the_layer():
   x = jnp.zeros((1, 28, 28, 1))
   qmodel = mj.quantize_model(LeNet(), [mj.QuantRule(weight=mj.BinaryWeight())])

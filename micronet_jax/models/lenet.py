@@ -10,7 +10,7 @@ import jax
 
 class LeNet(nn.Module):
   """conv 10 k5 -> max-pool 2 -> relu -> conv 20 k5 -> max-pool 2 -> relu ->
-  dense 50 -> relu -> dropout 0.5 -> dense ``num_classes``.
+  dense 50 -> relu -> dropout ``dropout_rate`` (0.5) -> dense ``num_classes``.
 
   ``cfg`` = (conv1, conv2, hidden) so that a pruned network can be rebuilt. ``act`` is
   the activation between the first and the last layer (the three ReLUs); binary
@@ -21,6 +21,7 @@ class LeNet(nn.Module):
   num_classes: int = 10
   cfg: tuple[int, int, int] = (10, 20, 50)
   act: Callable = nn.relu
+  dropout_rate: float = 0.5
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -31,5 +32,5 @@ class LeNet(nn.Module):
     x = self.act(nn.max_pool(x, (2, 2), strides=(2, 2)))
     x = x.reshape((x.shape[0], -1))
     x = self.act(nn.Dense(hidden)(x))
-    x = nn.Dropout(0.5, deterministic=not train)(x)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes)(x)
