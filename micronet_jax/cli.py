@@ -66,7 +66,8 @@ def _add_train(sub) -> None:
   p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
   p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
   p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size")
-  p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d.lr}; 1e-5 with --qaft)")
+  p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d.lr}; binary/ternary 0.01 as micronet's wbwtab, whose "
+                 "latent weights must cross zero; 1e-5 with --qaft)")
   p.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES,
                  help="constant learning rate, or cosine decay from --lr to 0 over all steps")
   p.add_argument("--fold-bn", action="store_true",
@@ -97,7 +98,8 @@ def _train(args: argparse.Namespace) -> int:
   src = read_config(args.from_run) if args.from_run else d
   model = args.model or src.model
   model_cfg = args.cfg if args.cfg is not None else (src.model_cfg if model == src.model else None)
-  fixed = {"binary": (1, 1), "ternary": (2, 1)}.get(args.quant, (d.w_bits, d.a_bits))
+  fixed_bits = {"binary": (1, 1), "ternary": (2, 1)}
+  fixed = fixed_bits.get(args.quant, (d.w_bits, d.a_bits))
   args.w_bits = fixed[0] if args.w_bits is None else args.w_bits
   args.a_bits = fixed[1] if args.a_bits is None else args.a_bits
   out = args.out
@@ -108,7 +110,8 @@ def _train(args: argparse.Namespace) -> int:
       quant=args.quant, sparsity=args.sparsity, from_run=args.from_run,
       w_bits=args.w_bits, a_bits=args.a_bits, epochs=args.epochs, batch_size=args.batch_size,
       eval_batch_size=args.eval_batch_size, weight_decay=args.weight_decay, seed=args.seed,
-      lr=args.lr if args.lr is not None else (1e-5 if args.qaft else d.lr), lr_schedule=args.lr_schedule,
+      lr=args.lr if args.lr is not None else (1e-5 if args.qaft else 1e-2 if args.quant in fixed_bits else d.lr),
+      lr_schedule=args.lr_schedule,
       fold_bn=args.fold_bn or (src.fold_bn and args.quant == src.quant), qaft=args.qaft,
       observer=args.observer or (src.observer if args.quant == src.quant else d.observer),
       out=out, limit_train=args.limit_train, limit_test=args.limit_test,

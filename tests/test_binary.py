@@ -422,4 +422,5 @@ def test_cli_binary_run_on_synthetic_data(capsys, tmp_path, no_data_sources):
   assert "| binary W1A1 | 1 |" in out
   m = json.loads((out_dir / "metrics.json").read_text())
   assert m["config"]["w_bits"] == 1 and m["config"]["a_bits"] == 1
+  assert m["config"]["lr"] == 0.01 and m["config"]["lr_schedule"] == "constant"  # micronet's wbwtab rate
   assert m["model_stats"]["compression"] > 0.9
