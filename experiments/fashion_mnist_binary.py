@@ -1,11 +1,12 @@
-"""Binary and ternary networks (micronet's wbwtab) on Fashion-MNIST: LeNet and a narrow NIN.
+"""Binary and ternary networks (micronet's wbwtab) on Fashion-MNIST: LeNet and NIN (32-96 channels).
 
     python experiments/fashion_mnist_binary.py                      # the full table
     python experiments/fashion_mnist_binary.py --nets lenet --lenet-epochs 1
 
 For each network: float, binary weights (A32), ternary weights (A32), binary weights with
 binary activations (W1A1) and ternary weights with binary activations (W2A1), each a
-``micronet-jax train`` run with the same seed, optimizer and batch, one after another.
+``micronet-jax train`` run with the same seed, optimizer and batch, one after another;
+the quantized runs start from the float run's weights unless ``--scratch``.
 Every quantized run is then deployed (BN -> bias fusion, 1-/2-bit packing) and the
 packed model is evaluated on the test set (W1A1 also through the XNOR/popcount path), so
 the table shows that the deploy artifact computes what the fake-quant model computes.
