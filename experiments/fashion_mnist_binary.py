@@ -26,6 +26,7 @@ import numpy as np
 from micronet_jax import binary_deploy, data as data_lib
 from micronet_jax.experiment import TrainConfig, load_run, read_config, run
 from micronet_jax.train import package_versions
+from report import write_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = {  # name: (quant, w_bits, a_bits)
@@ -156,57 +157,41 @@ def main() -> int:
 
   text = table(results)
   print("\n" + text)
-  os.makedirs(args.results_dir, exist_ok=True)
-  versions = package_versions()
   cmdline = (f"python experiments/fashion_mnist_binary.py --nets {' '.join(args.nets)} --runs {' '.join(args.runs)} "
              f"--lenet-epochs {args.lenet_epochs} --nin-epochs {args.nin_epochs} "
              f"--nin-cfg {' '.join(map(str, args.nin_cfg))} "
              + (f"--nin-limit-train {args.nin_limit_train} " if args.nin_limit_train else "")
              + ("--scratch " if args.scratch else "") + f"--lr {args.lr} --lr-schedule {args.lr_schedule} --seed {args.seed}")
-  md = [
-      "# Binary and ternary networks on Fashion-MNIST (micronet's wbwtab)",
-      "",
-      f"Produced by `{cmdline}` on {versions['devices']} ({os.cpu_count()} cores), which runs, one after "
-      f"another (training alone: {sum(m['total_seconds'] for m in results.values()) / 60:.1f} minutes in all):",
-      "",
-      "```",
-      *commands,
-      "```",
-      "",
-      f"Seed {args.seed}; Adam lr {args.lr} ({args.lr_schedule} schedule), batch 128, no weight decay; "
-      + ("every run from random weights" if args.scratch else
-         "float from random weights, then every binary/ternary run from the float run's weights (`--from`, "
-         "micronet's `--refine`), for as many epochs again")
-      + "; test accuracy on the "
-      "10,000 test images after each epoch (\"best\" is the maximum over epochs, \"last\" the final epoch). "
-      "s/epoch excludes the first epoch (compilation).",
-      "",
-      "Placement (`mj.binary_rules`): NIN as micronet (first and last conv float, the 7 convs between "
-      "binary/ternary; with A1 every conv after the first gets a binary input, the sign replacing the ReLU). "
-      "LeNet has only two convs, so its dense layers count too: conv1 and the classifier keep float weights, "
-      "conv2 and fc1 are binary/ternary, and with A1 conv2, fc1 and the classifier get binary inputs. "
-      f"NIN widths `--cfg {' '.join(map(str, args.nin_cfg))}`, trained on "
-      + (f"the first {args.nin_limit_train:,}" if args.nin_limit_train else "all 60,000")
-      + " training images; LeNet on all 60,000. micronet's own "
-      "choice, NIN-GC, is not used: XLA's CPU grouped convolutions are about 20x slower per MAC than plain ones.",
-      "",
-      "Size as micronet's table: parameters (BatchNorm included), MB = 10^6 bytes with binary kernels at 1 bit, "
-      "ternary at 2 bits and everything else at 32 bits, compression = 1 - size / float size. "
-      "\"packed deploy\" is the real artifact after BN -> bias fusion (`binary_deploy.deploy`): packed kernels, "
-      "one float32 alpha per output channel, float first/last layers and biases; BatchNorms are gone. "
-      "\"packed acc\" evaluates that artifact (kernels unpacked on the fly) and says how many test predictions "
-      "equal the fake-quant model's; \"XNOR acc\" runs every W1A1 layer by XNOR/popcount.",
-      "",
-      text,
-      "",
-      "Software: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-      "",
-  ]
-  with open(os.path.join(args.results_dir, "fashion_mnist_binary.md"), "w") as f:
-    f.write("\n".join(md))
-  with open(os.path.join(args.results_dir, "fashion_mnist_binary.json"), "w") as f:
-    json.dump({"commands": commands, "versions": versions, "results": results}, f, indent=2)
-  print(f"\nwrote {os.path.join(args.results_dir, 'fashion_mnist_binary.md')}")
+  write_report(
+      args.results_dir, "fashion_mnist_binary", title="Binary and ternary networks on Fashion-MNIST (micronet's wbwtab)",
+      intro=f"Produced by `{cmdline}` on {package_versions()['devices']} ({os.cpu_count()} cores), which runs, one "
+      f"after another (training alone: {sum(m['total_seconds'] for m in results.values()) / 60:.1f} minutes in all):",
+      commands=commands,
+      paragraphs=[
+          f"Seed {args.seed}; Adam lr {args.lr} ({args.lr_schedule} schedule), batch 128, no weight decay; "
+          + ("every run from random weights" if args.scratch else
+             "float from random weights, then every binary/ternary run from the float run's weights (`--from`, "
+             "micronet's `--refine`), for as many epochs again")
+          + "; test accuracy on the "
+          "10,000 test images after each epoch (\"best\" is the maximum over epochs, \"last\" the final epoch). "
+          "s/epoch excludes the first epoch (compilation).",
+          "Placement (`mj.binary_rules`): NIN as micronet (first and last conv float, the 7 convs between "
+          "binary/ternary; with A1 every conv after the first gets a binary input, the sign replacing the ReLU). "
+          "LeNet has only two convs, so its dense layers count too: conv1 and the classifier keep float weights, "
+          "conv2 and fc1 are binary/ternary, and with A1 conv2, fc1 and the classifier get binary inputs. "
+          f"NIN widths `--cfg {' '.join(map(str, args.nin_cfg))}`, trained on "
+          + (f"the first {args.nin_limit_train:,}" if args.nin_limit_train else "all 60,000")
+          + " training images; LeNet on all 60,000. micronet's own "
+          "choice, NIN-GC, is not used: XLA's CPU grouped convolutions are about 20x slower per MAC than plain ones.",
+          "Size as micronet's table: parameters (BatchNorm included), MB = 10^6 bytes with binary kernels at 1 bit, "
+          "ternary at 2 bits and everything else at 32 bits, compression = 1 - size / float size. "
+          "\"packed deploy\" is the real artifact after BN -> bias fusion (`binary_deploy.deploy`): packed kernels, "
+          "one float32 alpha per output channel, float first/last layers and biases; BatchNorms are gone. "
+          "\"packed acc\" evaluates that artifact (kernels unpacked on the fly) and says how many test predictions "
+          "equal the fake-quant model's; \"XNOR acc\" runs every W1A1 layer by XNOR/popcount.",
+      ],
+      table=text, data=results,
+  )
   return 0
 
 

@@ -19,7 +19,7 @@ import shlex
 import sys
 
 from micronet_jax import cli
-from micronet_jax.train import package_versions
+from report import write_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("minmax", "moving_average", "percentile", "mse")
@@ -81,19 +81,19 @@ def main() -> int:
                  f"{100 * dep['prediction_agreement']:.2f}% | {100 * (dep['fake_quant_test_accuracy'] - base):+.2f} |")
   table = "\n".join(lines)
   print("\n" + table)
-  md = ["# IAO on Fashion-MNIST: QAT, PTQ, QAFT and the integer-only path", "",
-        "Produced by `python experiments/fashion_mnist_iao.py " + " ".join(sys.argv[1:]) + "`, which runs:", "",
-        "```", *commands, "```", "",
-        "Test accuracy on the 10,000 Fashion-MNIST test images. \"fake-quant\" is the quantized model's "
-        "eval forward in float arithmetic; \"integer-only\" is `integer_apply` of the converted model "
-        "(int8 weights, int32 accumulation and bias, fixed-point requantization); \"same prediction\" is the "
-        "fraction of test images where both give the same class. PTQ calibrates on 200 batches of 32 "
-        "training images (no augmentation), BatchNorm folded; QAFT freezes observers and BatchNorm statistics.",
-        "", table, "", "Software: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()), ""]
-  os.makedirs(args.results_dir, exist_ok=True)
-  with open(os.path.join(args.results_dir, "fashion_mnist_iao.md"), "w") as f:
-    f.write("\n".join(md))
-  print(f"\nwrote {os.path.join(args.results_dir, 'fashion_mnist_iao.md')}")
+  write_report(
+      args.results_dir, "fashion_mnist_iao", title="IAO on Fashion-MNIST: QAT, PTQ, QAFT and the integer-only path",
+      intro="Produced by `python experiments/fashion_mnist_iao.py " + " ".join(sys.argv[1:]) + "`, which runs:",
+      commands=commands,
+      paragraphs=[
+          "Test accuracy on the 10,000 Fashion-MNIST test images. \"fake-quant\" is the quantized model's "
+          "eval forward in float arithmetic; \"integer-only\" is `integer_apply` of the converted model "
+          "(int8 weights, int32 accumulation and bias, fixed-point requantization); \"same prediction\" is the "
+          "fraction of test images where both give the same class. PTQ calibrates on 200 batches of 32 "
+          "training images (no augmentation), BatchNorm folded; QAFT freezes observers and BatchNorm statistics.",
+      ],
+      table=table,
+  )
   return 0
 
 

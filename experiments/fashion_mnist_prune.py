@@ -19,7 +19,7 @@ import shlex
 import sys
 
 from micronet_jax import cli
-from micronet_jax.train import package_versions
+from report import write_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CFG = "48 40 24 48 48 48 48 48"
@@ -90,19 +90,18 @@ def main() -> int:
            f"reproduces when beta is folded into the next bias) "
            f"{100 * m['pruned']['test_accuracy_masked']:.2f}%, pruned network {100 * m['pruned']['test_accuracy']:.2f}%, "
            f"{100 * m['pruned']['params_removed']:.1f}% fewer parameters.")
-  versions = package_versions()
-  md = ["# Network slimming of NIN/4 on Fashion-MNIST", "",
-        "Produced by `python experiments/fashion_mnist_prune.py "
-        + " ".join(sys.argv[1:]) + "`, which runs, one after another:", "", "```",
-        *[f"micronet-jax {c}" for c in commands.values()], "```", "",
-        f"Seed {args.seed}; Adam, batch 128; test accuracy on the 10,000 test images after the last epoch. "
-        "Size counts quantized kernels at their weight bits and everything else at 32 bits "
-        "(MB = 10^6 bytes); compression is 1 - size / size of the float network.", "",
-        table, "", extra, "", "Software: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
-  os.makedirs(args.results_dir, exist_ok=True)
-  with open(os.path.join(args.results_dir, "fashion_mnist_prune.md"), "w") as f:
-    f.write("\n".join(md))
-  print(f"\nwrote {os.path.join(args.results_dir, 'fashion_mnist_prune.md')}")
+  write_report(
+      args.results_dir, "fashion_mnist_prune", title="Network slimming of NIN/4 on Fashion-MNIST",
+      intro="Produced by `python experiments/fashion_mnist_prune.py " + " ".join(sys.argv[1:])
+      + "`, which runs, one after another:",
+      commands=[f"micronet-jax {c}" for c in commands.values()],
+      paragraphs=[
+          f"Seed {args.seed}; Adam, batch 128; test accuracy on the 10,000 test images after the last epoch. "
+          "Size counts quantized kernels at their weight bits and everything else at 32 bits "
+          "(MB = 10^6 bytes); compression is 1 - size / size of the float network.",
+      ],
+      table=table, after=[extra],
+  )
   return 0
 
 

@@ -12,12 +12,11 @@ Each run is ``micronet-jax train`` with the same seed, optimizer (Adam 1e-3) and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 from micronet_jax.experiment import TrainConfig, run
-from micronet_jax.train import package_versions
+from report import write_report
 
 RUNS = {
     "float": dict(quant="float"),
@@ -74,32 +73,18 @@ def main() -> int:
 
   text = table(results)
   print("\n" + text)
-  os.makedirs(args.results_dir, exist_ok=True)
-  versions = package_versions()
-  md = [
-      "# LeNet QAT on Fashion-MNIST",
-      "",
-      f"Produced by `python experiments/fashion_mnist_qat.py --epochs {args.epochs} --seed {args.seed}"
+  write_report(
+      args.results_dir, "fashion_mnist_qat", title="LeNet QAT on Fashion-MNIST",
+      intro=f"Produced by `python experiments/fashion_mnist_qat.py --epochs {args.epochs} --seed {args.seed}"
       + (f" --runs {' '.join(args.runs)}" if args.runs != list(RUNS) else "") + "`, which runs, one after another:",
-      "",
-      "```",
-      *commands,
-      "```",
-      "",
-      f"Seed {args.seed}; Adam lr 1e-3, batch 128, no weight decay, {args.epochs} epochs from scratch; "
-      "test accuracy on the 10,000 test images after each epoch (\"best\" is the maximum over epochs, "
-      "\"last\" the final epoch). s/epoch excludes the first epoch (compilation).",
-      "",
-      text,
-      "",
-      "Software: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
-      "",
-  ]
-  with open(os.path.join(args.results_dir, "fashion_mnist_qat.md"), "w") as f:
-    f.write("\n".join(md))
-  with open(os.path.join(args.results_dir, "fashion_mnist_qat.json"), "w") as f:
-    json.dump({"commands": commands, "versions": versions, "results": results}, f, indent=2)
-  print(f"\nwrote {os.path.join(args.results_dir, 'fashion_mnist_qat.md')}")
+      commands=commands,
+      paragraphs=[
+          f"Seed {args.seed}; Adam lr 1e-3, batch 128, no weight decay, {args.epochs} epochs from scratch; "
+          "test accuracy on the 10,000 test images after each epoch (\"best\" is the maximum over epochs, "
+          "\"last\" the final epoch). s/epoch excludes the first epoch (compilation).",
+      ],
+      table=text, data=results,
+  )
   return 0
 
 

@@ -92,25 +92,24 @@ def _add_train(sub) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-  from micronet_jax.experiment import TrainConfig, read_config, run
+  from micronet_jax.experiment import TrainConfig, method_defaults, read_config, run
 
   d = TrainConfig()
   src = read_config(args.from_run) if args.from_run else d
   model = args.model or src.model
   model_cfg = args.cfg if args.cfg is not None else (src.model_cfg if model == src.model else None)
-  fixed_bits = {"binary": (1, 1), "ternary": (2, 1)}
-  fixed = fixed_bits.get(args.quant, (d.w_bits, d.a_bits))
-  args.w_bits = fixed[0] if args.w_bits is None else args.w_bits
-  args.a_bits = fixed[1] if args.a_bits is None else args.a_bits
+  w_bits, a_bits, lr = method_defaults(args.quant, args.qaft)
+  w_bits = w_bits if args.w_bits is None else args.w_bits
+  a_bits = a_bits if args.a_bits is None else args.a_bits
   out = args.out
   if out is None:
-    out = f"runs/{model}-{args.quant}" + ("" if args.quant == "float" else f"-w{args.w_bits}a{args.a_bits}")
+    out = f"runs/{model}-{args.quant}" + ("" if args.quant == "float" else f"-w{w_bits}a{a_bits}")
   config = TrainConfig(
       model=model, model_cfg=model_cfg, dataset=args.dataset or src.dataset, data_dir=args.data_dir,
       quant=args.quant, sparsity=args.sparsity, from_run=args.from_run,
-      w_bits=args.w_bits, a_bits=args.a_bits, epochs=args.epochs, batch_size=args.batch_size,
+      w_bits=w_bits, a_bits=a_bits, epochs=args.epochs, batch_size=args.batch_size,
       eval_batch_size=args.eval_batch_size, weight_decay=args.weight_decay, seed=args.seed,
-      lr=args.lr if args.lr is not None else (1e-5 if args.qaft else 1e-2 if args.quant in fixed_bits else d.lr),
+      lr=lr if args.lr is None else args.lr,
       lr_schedule=args.lr_schedule,
       fold_bn=args.fold_bn or (src.fold_bn and args.quant == src.quant), qaft=args.qaft,
       observer=args.observer or (src.observer if args.quant == src.quant else d.observer),

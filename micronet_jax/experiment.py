@@ -39,8 +39,6 @@ BINARY_LAYERS = {"lenet": "all"}
 INPUT_SHAPES = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1)}
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   model: str = "lenet"
@@ -119,6 +117,18 @@ class TrainConfig:
     return jnp.zeros((1, *INPUT_SHAPES[self.dataset]), jnp.float32)
 
 
+def method_defaults(quant: str, qaft: bool = False) -> tuple[int, int, float]:
+  """(w_bits, a_bits, lr) that ``micronet-jax train`` uses when they are not given.
+
+  Binary/ternary: their fixed weight bits, binary activations and micronet's wbwtab rate
+  0.01 (at 1e-3 the latent weights, clipped to [-1, 1], barely cross zero). QAFT
+  fine-tunes at 1e-5. Otherwise ``TrainConfig``'s defaults.
+  """
+  d = TrainConfig()
+  w_bits, a_bits, lr = (BINARY_BITS[quant], 1, 1e-2) if quant in BINARY_BITS else (d.w_bits, d.a_bits, d.lr)
+  return w_bits, a_bits, 1e-5 if qaft else lr
+
+
 def learning_rate(config: TrainConfig, total_steps: int) -> float | optax.Schedule:
   """``config.lr`` held constant, or cosine-decayed from it to 0 over ``total_steps``.
 
@@ -136,14 +146,15 @@ def build(config: TrainConfig, num_classes: int = 10):
   kwargs = {"cfg": config.model_cfg} if config.model_cfg is not None else {}
   binary_act = config.quant in BINARY_BITS and config.a_bits == 1
   if binary_act:  # sign replaces the ReLUs in front of the binarised layers (see binary.py)
-    if "act" not in getattr(models.MODELS[config.model], "__dataclass_fields__", {}):
+    fields = getattr(models.MODELS[config.model], "__dataclass_fields__", {})
+    if "act" not in fields:
       raise ConfigError(f"model {config.model} has no `act` field to replace its ReLUs by the sign: binary "
                         "activations (a_bits 1) need lenet, nin or nin_gc (or a_bits 32)")
     kwargs["act"] = binary_lib.identity
     # Dropout in front of a sign is not dropout: sign(0) = +1, so every dropped unit
     # reads +1, a biased corruption the evaluated network never sees (LeNet W1A1 on
     # Fashion-MNIST: 79.2% with LeNet's dropout 0.5, 84.7% without).
-    if "dropout_rate" in models.MODELS[config.model].__dataclass_fields__:
+    if "dropout_rate" in fields:
       kwargs["dropout_rate"] = 0.0
   try:
     model = models.get_model(config.model, num_classes=num_classes, **kwargs)

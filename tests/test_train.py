@@ -143,6 +143,14 @@ def test_cosine_schedule_reaches_the_optimizer():
       np.testing.assert_allclose(u[k], v[k] * (1 + np.cos(np.pi * t / 4)) / 2, rtol=1e-5, atol=1e-12)
 
 
+def test_method_defaults():
+  assert experiment.method_defaults("iao") == (8, 8, 1e-3)
+  assert experiment.method_defaults("float") == (8, 8, 1e-3)  # bits unused for float
+  assert experiment.method_defaults("binary") == (1, 1, 1e-2)
+  assert experiment.method_defaults("ternary") == (2, 1, 1e-2)
+  assert experiment.method_defaults("iao", qaft=True) == (8, 8, 1e-5)
+
+
 def test_unknown_lr_schedule_is_a_config_error():
   with pytest.raises(experiment.ConfigError, match="unknown lr schedule 'linear'"):
     experiment.TrainConfig(lr_schedule="linear")
