@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from micronet_jax.layers import QuantConv, QuantConvTranspose, QuantDense
+from micronet_jax.protocol import ObservedActivation, StatelessWeight
 from micronet_jax.quantizers import reduce_axes
 from micronet_jax.ste import sign_plus, sign_ste
 
@@ -141,7 +142,7 @@ def center_clip(w: Array, in_axis: int = -2) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class BinaryWeight:
+class BinaryWeight(StatelessWeight):
   """1-bit XNOR-Net weights per output channel.
 
   ``center_clip=True`` (micronet's) asks the training loop to mean-center over input
@@ -159,7 +160,7 @@ class BinaryWeight:
 
 
 @dataclasses.dataclass(frozen=True)
-class TernaryWeight:
+class TernaryWeight(StatelessWeight):
   """2-bit TWN weights per output channel, threshold ``threshold * mean|w|`` (0.7)."""
 
   threshold: float = 0.7
@@ -174,7 +175,7 @@ class TernaryWeight:
 
 
 @dataclasses.dataclass(frozen=True)
-class BinaryActivation:
+class BinaryActivation(ObservedActivation):
   """1-bit activations: sign+(x) in {-1, +1}, gradient g * [|x| < 1]. Stateless."""
 
   bits: int = dataclasses.field(default=1, init=False)

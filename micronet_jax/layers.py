@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from micronet_jax import seam
+from micronet_jax.protocol import AffineGrid, QState
 from micronet_jax.quantizers import bias_fake_quant
 
 Array = jax.Array
@@ -33,44 +35,40 @@ INPUT_STATS = "input"
 
 def quantize_input(module: nn.Module, x: Array, q: Any) -> Array:
   """Fake-quantizes a layer's input with the activation quantizer ``q`` (None: as is),
-  keeping the observer state in ``module``'s ``quant_stats``. Call it inside
-  ``module``'s method."""
-  if q is None:
-    return x
-  if q.init_state(x) is None:  # stateless (DoReFa): nothing to store
-    return q.fake_quant(x, None, update=False)[0]
-  stats = module.variable("quant_stats", INPUT_STATS, q.init_state, x)
-  update = module.is_mutable_collection("quant_stats") and not module.is_initializing()
-  x_q, new_state = q.fake_quant(x, stats.value, update=update)
-  if update:
-    stats.value = new_state
-  return x_q
+  keeping its state under the role ``input`` of ``module``. Call it inside ``module``'s
+  method."""
+  return seam.apply_quantizer(module, INPUT_STATS, q, x, None)
 
 
 def input_scale(module: nn.Module, q: Any) -> Array | None:
-  """S_in of an affine input quantizer from the stored (this call's) observer state."""
-  if q is None or not hasattr(q, "qparams") or not module.has_variable("quant_stats", INPUT_STATS):
+  """S_in of an affine input quantizer from the stored (this call's) state, or None."""
+  if not isinstance(q, AffineGrid):
     return None
-  return q.qparams(module.get_variable("quant_stats", INPUT_STATS))[0]
+  state = seam.quantizer_state(module, INPUT_STATS, q)
+  if state.stats is None and state.params is None:
+    return None
+  return q.grid(None, state, None)[0]
 
 
-def accumulator_scale(weight_quant: Any, kernel: Array, s_in: Array | None, out_axis: int) -> Array | None:
+def accumulator_scale(weight_quant: Any, kernel: Array, s_in: Array | None, out_axis: int,
+                      qstate: QState = QState()) -> Array | None:
   """S_in * S_w per output channel (broadcasting against the bias), or None when either
   quantizer is not affine."""
-  if s_in is None or weight_quant is None or not hasattr(weight_quant, "qparams"):
+  if s_in is None or not isinstance(weight_quant, AffineGrid):
     return None
-  s_w = weight_quant.qparams(jax.lax.stop_gradient(kernel), out_axis)[0]
+  s_w = weight_quant.grid(jax.lax.stop_gradient(kernel), qstate, out_axis)[0]
   return s_in * jnp.reshape(s_w, (-1,)) if s_w.size > 1 else s_in * jnp.reshape(s_w, ())
 
 
 def quantize_kernel(module: nn.Module, name: str, value: Any, out_axis: int) -> Any:
   if name == "bias":
     scale = accumulator_scale(module.weight_quant, module.get_variable("params", "kernel"),
-                              input_scale(module, module.act_quant), out_axis)
+                              input_scale(module, module.act_quant), out_axis,
+                              seam.quantizer_state(module, "kernel", module.weight_quant))
     return value if scale is None else bias_fake_quant(value, scale)
-  if name != "kernel" or module.weight_quant is None:
+  if name != "kernel":
     return value
-  return module.weight_quant.fake_quant(value, channel_axis=out_axis)
+  return seam.apply_quantizer(module, "kernel", module.weight_quant, value, out_axis)
 
 
 class QuantDense(nn.Dense):

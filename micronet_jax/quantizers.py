@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from micronet_jax import observers as obs
+from micronet_jax.protocol import ObservedActivation, QState, StatelessWeight
 from micronet_jax.ste import clip_inclusive, clipped_round_ste, round_half_away, round_ste
 
 Array = jax.Array
@@ -116,7 +117,7 @@ def dorefa_activation(x: Array, bits: int, input_scale: float = 0.1) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class DoReFaWeight:
+class DoReFaWeight(StatelessWeight):
   """k-bit DoReFa weight quantizer (per tensor, stateless)."""
 
   bits: int = 8
@@ -130,7 +131,7 @@ class DoReFaWeight:
 
 
 @dataclasses.dataclass(frozen=True)
-class DoReFaActivation:
+class DoReFaActivation(ObservedActivation):
   """k-bit DoReFa activation quantizer: clamp(input_scale * x, 0, 1), then k bits."""
 
   bits: int = 8
@@ -212,7 +213,7 @@ def bias_fake_quant(bias: Array, scale: Array) -> Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class AffineWeight:
+class AffineWeight(StatelessWeight):
   """Affine (IAO) weight quantizer; ranges from the current weights (no state).
 
   Defaults are the usual int8 deploy choice: symmetric, narrow range
@@ -237,13 +238,16 @@ class AffineWeight:
     scale, zp = affine_qparams(lo, hi, qmin, qmax, self.symmetric)
     return _keepdims(scale, w.ndim, axis), _keepdims(zp, w.ndim, axis)
 
+  def grid(self, x: Array | None, qstate: QState, channel_axis: int | None) -> tuple[Array, Array]:
+    return self.qparams(x, -1 if channel_axis is None else channel_axis)
+
   def fake_quant(self, w: Array, channel_axis: int = -1) -> Array:
     scale, zp = self.qparams(w, channel_axis)
     return affine_fake_quant(w, scale, zp, *self.int_range())
 
 
 @dataclasses.dataclass(frozen=True)
-class AffineActivation:
+class AffineActivation(ObservedActivation):
   """Affine (IAO) activation quantizer, per tensor, with an observer in ``quant_stats``.
 
   Default: asymmetric unsigned [0, 2^b - 1] (what int8 deploy formats use for
@@ -273,6 +277,9 @@ class AffineActivation:
       lo, hi = obs.current_or_observed(state, x, None)
     qmin, qmax = self.int_range()
     return affine_qparams(lo, hi, qmin, qmax, self.symmetric)
+
+  def grid(self, x: Array | None, qstate: QState, channel_axis: int | None) -> tuple[Array, Array]:
+    return self.qparams(qstate.stats, x)
 
   def fake_quant(self, x: Array, state: obs.RangeState, *, update: bool) -> tuple[Array, obs.RangeState]:
     if update:

@@ -1,0 +1,64 @@
+"""The one seam between quantizers and Flax Linen.
+
+Everything the library needs to know about a module's scope is here: its path, whether
+its statistics may move, and where a quantizer's params and stats live. Layers, the
+residual add and BN folding call these functions and never touch scopes themselves, so a
+second framework (NNX) is a second implementation of this module, not of the layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from micronet_jax.protocol import QState
+
+Array = jax.Array
+STATS = "quant_stats"
+
+
+def module_path(module: nn.Module) -> str:
+  """'a/b/c': the module's path in the variable tree (what rules match and plans key on)."""
+  return "/".join(module.scope.path)
+
+
+def stats_update(module: nn.Module) -> bool:
+  """Whether observed statistics move in this call: ``quant_stats`` is mutable and the
+  model is not being initialised (init creates empty observers; it does not observe)."""
+  return module.is_mutable_collection(STATS) and not module.is_initializing()
+
+
+def stored_stats(module: nn.Module, role: str) -> Any:
+  """The quantizer statistics kept under ``role`` in this module, or None."""
+  return module.get_variable(STATS, role) if module.has_variable(STATS, role) else None
+
+
+def apply_quantizer(module: nn.Module, role: str, q: Any, x: Array, channel_axis: int | None) -> Array:
+  """Fake-quantizes ``x`` with ``q`` (None: as is), keeping its state in ``module``:
+  params as ``params/<role>_<name>``, stats as ``quant_stats/<role>``. Call it inside
+  one of ``module``'s methods."""
+  if q is None:
+    return x
+  init = q.init(x, channel_axis)  # traced only; what is not stored is dead code
+  params = None
+  if init.params is not None:
+    params = {k: module.param(f"{role}_{k}", lambda _rng, v=v: v) for k, v in init.params.items()}
+  stats = None
+  if init.stats is not None:
+    stats = module.variable(STATS, role, lambda: init.stats)
+  update = stats is not None and stats_update(module)
+  x_q, new_stats = q.apply(x, QState(params, None if stats is None else stats.value),
+                           channel_axis=channel_axis, update=update)
+  if update:
+    stats.value = new_stats
+  return x_q
+
+
+def quantizer_state(module: nn.Module, role: str, q: Any) -> QState:
+  """The stored state of ``q`` in ``role`` (after this call's update), for capabilities
+  such as ``AffineGrid.grid``; params and stats it does not have are None."""
+  prefix = f"{role}_"
+  params = {k[len(prefix):]: v for k, v in module.variables.get("params", {}).items() if k.startswith(prefix)}
+  return QState(params or None, stored_stats(module, role))
