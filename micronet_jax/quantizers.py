@@ -154,15 +154,17 @@ class DoReFaActivation(ObservedActivation):
 
 
 def affine_int_range(bits: int, symmetric: bool, narrow: bool = False) -> tuple[int, int]:
-  """Integer grid [qmin, qmax].
+  """Integer grid [qmin, qmax]; ``narrow`` drops one code (micronet's weight grids).
 
-  symmetric: signed, [-2^(b-1), 2^(b-1) - 1], or [-(2^(b-1) - 1), 2^(b-1) - 1] when
-  ``narrow`` (weights, so that -w quantizes to -q). asymmetric: unsigned [0, 2^b - 1].
+  symmetric:  signed [-2^(b-1), 2^(b-1) - 1], or [-(2^(b-1) - 1), 2^(b-1) - 1] when
+              ``narrow`` (so that -w quantizes to -q);
+  asymmetric: unsigned [0, 2^b - 1], or [0, 2^b - 2] when ``narrow`` (2^b - 1 codes,
+              as many as the narrow signed grid).
   """
   if symmetric:
     half = 2 ** (bits - 1)
     return (-(half - 1) if narrow else -half), half - 1
-  return 0, 2**bits - 1
+  return 0, 2**bits - (2 if narrow else 1)
 
 
 def affine_qparams(
@@ -218,6 +220,8 @@ class AffineWeight(StatelessWeight):
 
   Defaults are the usual int8 deploy choice: symmetric, narrow range
   [-(2^(b-1)-1), 2^(b-1)-1], one scale per output channel (the last kernel axis).
+  Asymmetric weights use micronet's narrow unsigned grid [0, 2^b - 2] (0..254 at 8 bits):
+  scale = (max - min) / (2^b - 2).
   """
 
   bits: int = 8

@@ -292,7 +292,11 @@ def test_affine_int_ranges():
   assert affine_int_range(2, True) == (-2, 1)
   assert affine_int_range(16, False) == (0, 65535)
   assert AffineWeight(8).int_range() == (-127, 127)
-  assert AffineWeight(4, symmetric=False).int_range() == (0, 15)
+  # micronet's unsigned weight grid is narrow too: [0, 2^b - 2] (0..254 at 8 bits)
+  assert affine_int_range(8, False, narrow=True) == (0, 254)
+  assert affine_int_range(2, False, narrow=True) == (0, 2)
+  assert AffineWeight(8, symmetric=False).int_range() == (0, 254)
+  assert AffineWeight(4, symmetric=False).int_range() == (0, 14)
   assert AffineActivation(8).int_range() == (0, 255)
   assert AffineActivation(8, symmetric=True).int_range() == (-128, 127)
 
@@ -467,16 +471,37 @@ def test_affine_weight_qparams_shapes_and_values():
   s, z = AffineWeight(8, per_channel=False).qparams(jnp.asarray(w), -1)
   assert s.shape == () and float(s) == F32(2) / F32(127) and float(z) == 0
   s, z = AffineWeight(8, symmetric=False).qparams(jnp.asarray(w), -1)
-  # Per-channel: XLA evaluates (hi - lo) / 255 as (hi - lo) * (1 / 255), which can be one
-  # ulp off the correctly rounded quotient, hence rtol (one float32 ulp is ~1.2e-7).
+  # Unsigned weights: 254 steps (micronet's [0, 254]). Per-channel: XLA evaluates
+  # (hi - lo) / 254 as (hi - lo) * (1 / 254), which can be one ulp off the correctly
+  # rounded quotient, hence rtol (one float32 ulp is ~1.2e-7).
   np.testing.assert_allclose(
-      np.asarray(s), [[F32(1.5) / F32(255), F32(3) / F32(255), F32(EPS)]], rtol=2.5e-7, atol=0
+      np.asarray(s), [[F32(1.5) / F32(254), F32(3) / F32(254), F32(EPS)]], rtol=2.5e-7, atol=0
   )
-  np.testing.assert_array_equal(np.asarray(z), [[170, 170, 0]])  # r(-1/(1.5/255)) = -170
+  np.testing.assert_array_equal(np.asarray(z), [[169, 169, 0]])  # r(-1/(1.5/254)) = r(-169.33) = -169
   k = jnp.zeros((3, 3, 2, 4), jnp.float32).at[..., 2].set(1.0)  # HWIO kernel
   s, _ = AffineWeight(8).qparams(k, -1)
   assert s.shape == (1, 1, 1, 4)
   np.testing.assert_array_equal(np.asarray(s).ravel(), [EPS, EPS, F32(1) / F32(127), EPS])
+
+
+def test_affine_weight_asymmetric_narrow_grid_exact():
+  # 3 bits, per tensor, range [-3, 3]: micronet's grid [0, 6] gives scale 6 / 6 = 1 and
+  # zero point 0 - r(-3 / 1) = 3; codes r(w) + 3 = [0, 3, 4, 6], values [-3, 0, 1, 3]
+  # (on [0, 7] the scale would be 6/7 and 1.4 would not land on 1).
+  spec = AffineWeight(3, symmetric=False, per_channel=False)
+  w = jnp.asarray(np.array([-3.0, 0.0, 1.4, 3.0], np.float32))
+  s, z = spec.qparams(w, -1)
+  assert float(s) == 1.0 and float(z) == 3.0
+  np.testing.assert_array_equal(np.asarray(spec.fake_quant(w)), [-3.0, 0.0, 1.0, 3.0])
+  # 8 bits: the range [0, 2.54] spans exactly the 254 steps: the maximum is code 254
+  w8 = jnp.asarray(np.array([0.0, 1.27, 2.54], np.float32))
+  s8, z8 = AffineWeight(8, symmetric=False, per_channel=False).qparams(w8, -1)
+  assert float(s8) == F32(2.54) / F32(254) and float(z8) == 0.0
+  codes = np.asarray(jnp.round(w8 / s8) + z8)
+  np.testing.assert_array_equal(codes, [0, 127, 254])
+  # gradient: the clipped STE passes every weight of its own range
+  g = jax.grad(lambda w: jnp.sum(spec.fake_quant(w)))(w)
+  np.testing.assert_array_equal(np.asarray(g), [1.0, 1.0, 1.0, 1.0])
 
 
 def test_affine_weight_symmetric_narrow_is_odd():
