@@ -1,5 +1,6 @@
 """Integer conversion through the ops between layers that need no marking: concatenation,
-channel shuffle with group convolutions, strided/dilated convs and flattening."""
+channel shuffle with group convolutions, strided/dilated convs and flattening; and a
+marked residual add whose two branches have different ranges."""
 
 import flax.linen as nn
 import jax
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 import micronet_jax as mj
+from micronet_jax import ops
 from micronet_jax.calibrate import calibrate
 from micronet_jax.convert import fake_quant_codes
 from micronet_jax.models import NINGC
@@ -73,3 +75,53 @@ def test_nin_gc_group_convs_and_channel_shuffles():
     assert float(jnp.mean(diff != 0)) < 0.01, layer
   agree = float(jnp.mean(jnp.argmax(logits_int, -1) == jnp.argmax(logits_fq, -1)))
   assert agree >= 31 / 32, agree
+
+
+class TwoScaleResidual(nn.Module):
+  """A residual add of two branches whose ranges differ (a ReLU branch and a wide,
+  signed 1x1 branch), then a conv and a classifier."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    a = nn.relu(nn.Conv(4, (3, 3), padding="SAME", name="a")(x))
+    b = nn.Conv(4, (1, 1), name="b")(x)
+    y = nn.relu(ops.Add()(a, b))
+    y = nn.relu(nn.Conv(6, (3, 3), strides=2, name="c")(y))
+    return nn.Dense(5, name="head")(y.reshape((y.shape[0], -1)))
+
+
+def test_residual_add_shares_the_union_range_through_the_integer_path():
+  model = TwoScaleResidual()
+  x = X[:32]
+  float_vars = init_variables(model, x[:1])
+  params = float_vars["params"]
+  float_vars = {**float_vars, "params": {**params, "b": {**params["b"], "kernel": params["b"]["kernel"] * 6.0}}}
+  qmodel = mj.quantize_model(model, mj.iao_rules(8, 8, observer=mj.MinMax()))
+  v = mj.quantize_variables(qmodel, float_vars, x[:1], train=False)
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, ops.Add) and context.module.act_quant is not None:
+      seen["a"], seen["b"] = args
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):  # one calibration batch, eager, the Add's inputs recorded
+    _, upd = qmodel.apply(v, x, train=False, mutable=["quant_stats"])
+  v = {**v, **upd}
+  s = v["quant_stats"]["Add_0"]
+  lo_a, hi_a, lo_b, hi_b = (float(f(seen[k])) for k in "ab" for f in (jnp.min, jnp.max))
+  assert (float(s["input_a"].min), float(s["input_a"].max)) == (lo_a, hi_a)
+  assert (float(s["input_b"].min), float(s["input_b"].max)) == (lo_b, hi_b)
+  assert (float(s["input"].min), float(s["input"].max)) == (min(lo_a, lo_b), max(hi_a, hi_b))
+  assert lo_a == 0.0 and lo_b < 0.0 and hi_b > 2 * hi_a  # the union is neither input's range
+  # the integer deploy requantizes both inputs to the union's scale and agrees
+  deploy = mj.convert(qmodel, v, x[:2])
+  scale, zp = mj.AffineActivation(8).qparams(s["input"])
+  assert int(deploy.layers["Add_0"]["in_zp"]) == int(zp)
+  captured = {}
+  logits_int = mj.integer_apply(deploy, deploy.quantize_input(x), capture=captured)
+  logits_fq = qmodel.apply(v, x, train=False)
+  codes = fake_quant_codes(qmodel, v, x)
+  for layer in codes:
+    assert int(jnp.abs(codes[layer] - captured[layer]).max()) <= 1, layer
+  np.testing.assert_array_equal(jnp.argmax(logits_int, -1), jnp.argmax(logits_fq, -1))
