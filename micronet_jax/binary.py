@@ -44,11 +44,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from micronet_jax.layers import QuantConv, QuantConvTranspose, QuantDense
 from micronet_jax.protocol import ObservedActivation, StatelessWeight
 from micronet_jax.quantizers import reduce_axes
 from micronet_jax.ste import sign_plus, sign_ste
@@ -199,25 +197,15 @@ def one_input_channel_message(where: str) -> str:
 
 def center_clip_layers(qmodel: Any, *args, **kwargs) -> dict[str, int]:
   """{layer path: input axis} of the layers whose weight quantizer is
-  ``BinaryWeight(center_clip=True)``, found by tracing ``qmodel.init(key, *args, **kwargs)``
-  abstractly. Raises ValueError, naming the layer, for one input channel per group."""
+  ``BinaryWeight(center_clip=True)``, from ``qmodel.plan(*args, **kwargs)``. Raises
+  ValueError, naming the layer, for one input channel per group."""
   found: dict[str, int] = {}
-
-  def recorder(next_fun, a, kw, context):
-    m = context.module
-    if (context.method_name == "__call__" and isinstance(m, (QuantConv, QuantDense, QuantConvTranspose))
-        and isinstance(m.weight_quant, BinaryWeight) and m.weight_quant.center_clip):
-      path = "/".join(m.scope.path)
-      transposed = isinstance(m, QuantConvTranspose) and m.transpose_kernel
-      groups = getattr(m, "feature_group_count", 1) if isinstance(m, QuantConv) else 1
-      per_group = a[0].shape[-1] // groups
-      if per_group == 1:
-        raise ValueError(f"layer {path}: " + one_input_channel_message(f"{type(m).__name__} {path}"))
-      found[path] = -1 if transposed else -2
-    return next_fun(*a, **kw)
-
-  with nn.intercept_methods(recorder):
-    jax.eval_shape(lambda: qmodel.init(jax.random.key(0), *args, **kwargs))
+  for p in qmodel.plan(*args, **kwargs):
+    if not (isinstance(p.weight, BinaryWeight) and p.weight.center_clip):
+      continue
+    if p.in_features // p.groups == 1:
+      raise ValueError(f"layer {p.path}: " + one_input_channel_message(f"{p.kind} {p.path}"))
+    found[p.path] = -1 if p.out_axis == -2 else -2
   return found
 
 

@@ -228,7 +228,7 @@ def run(config: TrainConfig, progress: bool = True, log: Callable[[str], Any] = 
     raise ConfigError(str(e)) from None
   variables = _start_variables(config, net, x0, log)
   if isinstance(net, QuantizedModel):
-    log(summary(net, x0, train=False, print_fn=None))
+    log(summary(net, x0, train=False))
   total_steps = config.epochs * (len(dataset.x_train) // config.batch_size)
   tx = train_lib.make_optimizer(learning_rate(config, total_steps), config.weight_decay)
   if config.sparsity:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 
-from micronet_jax.layers import LAYER_KIND
-from micronet_jax.transform import QuantizedModel
+from micronet_jax.transform import QuantizedModel, quantize_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,41 +33,15 @@ class ModelStats:
             "compression": self.compression}
 
 
-def _layer_macs(module: nn.Module, out: jax.Array, kernel_shape: tuple[int, ...], batch: int) -> int:
-  # Every output element is one dot product over the kernel's input slice (per group).
-  contraction = int(np.prod(kernel_shape[:-1]))
-  if isinstance(module, nn.ConvTranspose):  # each input element scatters through the kernel
-    contraction = int(np.prod(kernel_shape[:-2])) * kernel_shape[-2]
-    return int(np.prod(out.shape)) // batch * contraction // int(np.prod(module.strides or (1,)))
-  return int(np.prod(out.shape)) // batch * contraction
-
-
 def model_stats(model: Any, variables: dict, x: jax.Array, **kwargs) -> ModelStats:
   """Parameters, MACs per example and size for ``model`` (float or ``QuantizedModel``).
 
   ``x`` is an example batch (its first axis is the batch); ``kwargs`` go to the model's
-  ``__call__`` (e.g. ``train=False``).
+  ``__call__`` (e.g. ``train=False``). MACs and bits come from the model's plan.
   """
-  base = model.model if isinstance(model, QuantizedModel) else model
-  weight_bits: dict[str, int] = {}
-  if isinstance(model, QuantizedModel):
-    for p in model.plan(x, **kwargs):
-      if p.weight is not None:
-        weight_bits[p.path] = p.weight.bits
-  calls: dict[str, int] = {}
-
-  def recorder(next_fun, args, kw, context):
-    out = next_fun(*args, **kw)
-    m = context.module
-    if context.method_name == "__call__" and isinstance(m, tuple(LAYER_KIND)):
-      path = "/".join(m.scope.path)
-      kernel = m.scope.get_variable("params", "kernel")
-      calls[path] = calls.get(path, 0) + _layer_macs(m, out, kernel.shape, x.shape[0])
-    return out
-
-  with nn.intercept_methods(recorder):
-    jax.eval_shape(lambda v, x: base.apply(v, x, **kwargs), variables, x)
-
+  qmodel = model if isinstance(model, QuantizedModel) else quantize_model(model, ())
+  plan = qmodel.plan(x, **kwargs)
+  weight_bits = {p.path: p.weight.bits for p in plan if p.weight is not None}
   n_params, bits_total = 0, 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"]):
     keys = [getattr(k, "key", str(k)) for k in path]
@@ -77,4 +49,4 @@ def model_stats(model: Any, variables: dict, x: jax.Array, **kwargs) -> ModelSta
     n_params += size
     bits = weight_bits.get("/".join(keys[:-1]), 32) if keys[-1] == "kernel" else 32
     bits_total += size * bits
-  return ModelStats(n_params, sum(calls.values()), bits_total / 8 / 1e6, n_params * 4 / 1e6)
+  return ModelStats(n_params, sum(p.macs for p in plan), bits_total / 8 / 1e6, n_params * 4 / 1e6)

@@ -205,7 +205,7 @@ def test_eight_bit_folded_params_summary_and_accuracy():
   assert jax.tree.structure(qvars["batch_stats"]) == jax.tree.structure(v["batch_stats"])
   loaded = mj.quantize_variables(qmodel, v, X, train=False)
   assert loaded["params"] is v["params"] and loaded["batch_stats"] is v["batch_stats"]
-  text = mj.summary(qmodel, X, print_fn=None)
+  text = mj.summary(qmodel, X)
   rows = {line.split(" | ")[0].strip(): line for line in text.splitlines() if " | " in line}
   assert "BatchNorm folded" in rows["conv"] and "BatchNorm folded" in rows["conv2"]
   assert "quantized" in rows["conv"] and "2 of 2 layers quantized" in text
@@ -264,7 +264,7 @@ def test_conv_followed_by_relu_then_bn_is_quantized_not_folded():
   qmodel = mj.quantize_model(ReluThenBN(), mj.iao_rules(8, 8, fold_bn=True))
   plans = {p.path: p for p in qmodel.plan(X)}
   assert plans["conv"].quantized and plans["conv"].folded_bn is None and plans["conv"].note == ""
-  text = mj.summary(qmodel, X, print_fn=None)
+  text = mj.summary(qmodel, X)
   assert "BatchNorm folded" not in text and "2 of 2 layers quantized" in text
   # The BN stays an ordinary BatchNorm with its own statistics, which move in training.
   v = mj.quantize_variables(qmodel, init_variables(ReluThenBN(), X), X)

@@ -155,7 +155,7 @@ def test_rule_that_matches_nothing_is_reported():
   qmodel = mj.quantize_model(Net(), [mj.QuantRule(pattern="decoder/.*", weight=W_Q), mj.QuantRule(weight=W_Q)])
   with pytest.warns(UserWarning, match=r"rule 0 .*decoder.* matched no layer"):
     qmodel.init(KEY, X)
-  text = mj.summary(qmodel, X, print_fn=None)
+  text = mj.summary(qmodel, X)
   assert "rule 0 matched no layer" in text
 
 
@@ -177,7 +177,7 @@ def test_subclassed_layer_is_skipped_and_reported():
 
 
 def test_summary_table():
-  text = mj.summary(mj.quantize_model(LeNet(), mj.dorefa_rules(4, 8)), jnp.zeros((1, 28, 28, 1)), print_fn=None)
+  text = mj.summary(mj.quantize_model(LeNet(), mj.dorefa_rules(4, 8)), jnp.zeros((1, 28, 28, 1)))
   lines = text.splitlines()
   assert lines[0].split(" | ")[0].strip() == "layer"
   row = {l.split("|")[0].strip(): [c.strip() for c in l.split("|")] for l in lines[2:6]}
