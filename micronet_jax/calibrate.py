@@ -12,6 +12,7 @@ that minimises the batch's quantization MSE, moving-averaged).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable
 
 import jax
@@ -41,6 +42,42 @@ def ptq_rules(method: str = "percentile", w_bits: int = 8, a_bits: int = 8, *, f
   return iao_rules(w_bits, a_bits, observer=make_observer(method, a_bits, percentile), fold_bn=fold_bn)
 
 
+class _ByIdentity:
+  """Static-argument key for a model that cannot be hashed (e.g. a Linen field holding a
+  list): equal only for the same model object, so repeated calls still share one
+  compilation. The jit cache keeps the key, hence the model, alive: ids cannot collide."""
+
+  def __init__(self, qmodel: QuantizedModel):
+    self.qmodel = qmodel
+
+  def __hash__(self) -> int:
+    return id(self.qmodel)
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, _ByIdentity) and other.qmodel is self.qmodel
+
+
+def _static_model(qmodel: QuantizedModel) -> QuantizedModel | _ByIdentity:
+  try:
+    hash(qmodel)  # a frozen dataclass of a Linen module and rules: by value
+  except TypeError:
+    return _ByIdentity(qmodel)
+  return qmodel
+
+
+@functools.partial(jax.jit, static_argnames=("qmodel", "apply_kwargs"))
+def _observe(qmodel: QuantizedModel | _ByIdentity, variables: dict, x: jax.Array, apply_kwargs: tuple) -> Any:
+  """One calibration batch: the observers' ``quant_stats`` after seeing ``x``.
+
+  ``qmodel`` (see ``_static_model``) and ``apply_kwargs`` (sorted ``(name, value)``
+  pairs) are static; every array, params included, is an argument, so one compilation
+  serves every call with an equal model, the same kwargs and the same shapes.
+  """
+  model = qmodel.qmodel if isinstance(qmodel, _ByIdentity) else qmodel
+  _, upd = model.apply(variables, x, mutable=["quant_stats"], **dict(apply_kwargs))
+  return upd["quant_stats"]
+
+
 def calibrate(
     qmodel: QuantizedModel, variables: dict, batches: Iterable[np.ndarray], num_batches: int | None = None,
     progress: bool = False, **apply_kwargs: Any,
@@ -48,21 +85,17 @@ def calibrate(
   """Feeds ``batches`` (inputs only) through the observers and returns the variables with
   the calibrated ``quant_stats``. Parameters and ``batch_stats`` are returned unchanged.
 
-  ``apply_kwargs`` go to the model (default ``train=False``).
+  ``apply_kwargs`` go to the model (default ``train=False``); their values must be
+  hashable (they are static arguments of the compiled step).
   """
-  apply_kwargs = {"train": False, **apply_kwargs}
-
-  @jax.jit
-  def observe(stats, x):
-    _, upd = qmodel.apply({**variables, "quant_stats": stats}, x, mutable=["quant_stats"], **apply_kwargs)
-    return upd["quant_stats"]
-
+  static_kwargs = tuple(sorted({"train": False, **apply_kwargs}.items()))
+  static_model = _static_model(qmodel)
   stats = variables["quant_stats"]
   seen = 0
   for x in tqdm(batches, total=num_batches, desc="calibrating", disable=not progress, leave=False):
     if num_batches is not None and seen >= num_batches:
       break
-    stats = observe(stats, x)
+    stats = _observe(static_model, {**variables, "quant_stats": stats}, x, static_kwargs)
     seen += 1
   if seen == 0:
     raise ValueError("calibration needs at least one batch")
