@@ -167,6 +167,14 @@ def _codes(x: Array, scale: Array, lo: int, hi: int, zero_point: int = 0) -> Arr
   return jnp.clip(qz.round_half_away(x / scale) + zero_point, lo, hi).astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _weight_qparams(wq: qz.AffineWeight, w: Array) -> tuple[Array, Array]:
+  """``wq.qparams`` of kernel ``w`` (..., C_out) per output channel, jitted as in the
+  fake-quant forward. ``wq`` is a frozen spec, hashed by value: one compilation per
+  (spec, kernel shape), shared by every layer and every ``convert``."""
+  return wq.qparams(w, -1)
+
+
 def _is_int(x: Array) -> bool:
   return jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer)
 
@@ -425,7 +433,7 @@ def convert(qmodel: QuantizedModel, variables: dict, x: Array, **apply_kwargs: A
       raise ValueError(f"integer conversion of {path} needs symmetric affine weights of at most 8 bits, got {wq}")
     if isinstance(module, nn.ConvTranspose):
       raise ValueError(f"integer conversion does not support conv-transpose layers yet ({path})")
-    w_scale, _ = jax.jit(lambda w: wq.qparams(w, -1))(jnp.asarray(w))
+    w_scale, _ = _weight_qparams(wq, jnp.asarray(w))
     w_scale = np.asarray(w_scale, np.float32).reshape(-1) * np.ones(w.shape[-1], np.float32)
     # the codes, float32 scales and bias of the fake-quant forward, computed the same way
     w_int = np.asarray(_codes(jnp.asarray(w), jnp.asarray(w_scale), *wq.int_range())).astype(np.int8)
