@@ -60,13 +60,23 @@ def make_optimizer(
   return optax.chain(*parts)
 
 
+def _copy_arrays(tree: Any) -> Any:
+  """``tree`` with every array in a new device buffer, placement and dtype kept: one
+  batched transfer, no compilation (``may_alias=False`` forces the copy)."""
+  return jax.device_put(tree, may_alias=False)
+
+
 def create_train_state(
     apply_fn: Callable, variables: dict, tx: optax.GradientTransformation, seed: int = 0,
     frozen: Sequence[str] = (),
     project: Callable | None = None,
 ) -> TrainState:
-  """``project`` (params -> params) is applied to the initial params and after every step."""
-  variables = dict(variables)
+  """``project`` (params -> params) is applied to the initial params and after every step.
+
+  The state holds its own copy of ``variables``' device arrays: ``train_step`` donates
+  (frees) the state, and the caller's variables must outlive it.
+  """
+  variables = dict(_copy_arrays(variables))
   params = variables.pop("params")
   if project is not None:
     params = jax.jit(project)(params)
@@ -196,7 +206,8 @@ def load_checkpoint(run_dir: str, like: dict) -> dict:
   try:
     restored = ocp.StandardCheckpointer().restore(path, target)
   except (ValueError, KeyError) as e:
-    raise ValueError(f"checkpoint {path} does not fit this model: {e}") from None
+    # chained: the message names the mismatch, the cause shows where orbax found it
+    raise ValueError(f"checkpoint {path} does not fit this model: {e}") from e
   problems = shape_mismatches(target, restored)
   if problems:  # orbax restores saved shapes whatever the target says
     raise ValueError(f"checkpoint {path} does not fit this model:\n  " + "\n  ".join(problems))

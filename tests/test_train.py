@@ -189,6 +189,24 @@ def test_train_step_compiles_once(qmodel, batches):
   assert float(m["count"]) == 24 and 0 <= float(m["correct"]) <= 24 and np.isfinite(m["loss"])
 
 
+@pytest.mark.parametrize("project", [None, lambda p: p], ids=["plain", "identity-project"])
+def test_callers_variables_survive_donating_train_steps(qmodel, tx, batches, project):
+  # Until the fix the state held the caller's buffers, which the first donating step
+  # freed: "Array has been deleted". An identity projection is jitted, and jit hands
+  # inputs it returns unchanged back as the same arrays.
+  xs, ys = batches
+  variables = qmodel.init(jax.random.key(0), xs[0], train=False)
+  saved = copy_tree(variables)
+  logits = np.asarray(qmodel.apply(variables, xs[0], train=False))
+  state = train.create_train_state(qmodel.apply, variables, tx, project=project)
+  for i in range(3):
+    state, _ = train.train_step(state, xs[i], ys[i])
+  assert not any(a.is_deleted() for a in jax.tree.leaves(variables))
+  assert trees_equal(jax.device_get(variables), saved)
+  np.testing.assert_array_equal(np.asarray(qmodel.apply(variables, xs[0], train=False)), logits)
+  assert int(state.step) == 3
+
+
 def test_observers_move_in_train_step_not_in_evaluate(qmodel, tx, batches):
   xs, ys = batches
   state = new_state(qmodel, tx, xs[0])
