@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from micronet_jax import observers as obs
 from micronet_jax import quantizers as qz
+from micronet_jax.protocol import check_quantizer
 
 LAYER_KINDS = ("dense", "conv", "conv_transpose")
 KINDS = (*LAYER_KINDS, "add")  # "add": the marked residual add, ``ops.Add`` (activation only)
@@ -46,9 +47,7 @@ class QuantRule:
     if self.index is not None and not isinstance(self.index, int):
       raise ValueError(f"QuantRule.index must be an int or None, got {self.index!r}")
     for name in ("weight", "act"):
-      q = getattr(self, name)
-      if q is not None and not hasattr(q, "fake_quant"):
-        raise ValueError(f"QuantRule.{name} must be a quantizer spec or None, got {q!r}")
+      check_quantizer(f"QuantRule.{name}", getattr(self, name))
 
   @property
   def keeps_float(self) -> bool:

@@ -169,25 +169,30 @@ def quantize_variables(qmodel: QuantizedModel, float_variables: dict, *args, **k
   """Float variables -> QAT variables for ``qmodel``.
 
   The float collections (``params``, ``batch_stats``, ...) are returned as they are,
-  after checking that every path and shape matches the quantized model; a fresh
-  ``quant_stats`` collection (empty observers) is added. ``args``/``kwargs`` are example
-  inputs for the model's ``__call__``, as for ``init``.
+  after checking that every path and shape matches the float model; a fresh
+  ``quant_stats`` collection (empty observers) is added, and the trainable params of
+  quantizers that have them (``params/<layer>/<role>_<name>``) are initialised by the
+  quantizers from the float weights (and, for inputs, from the example inputs).
+  ``args``/``kwargs`` are example inputs for the model's ``__call__``, as for ``init``.
 
   Raises:
     ValueError: listing every path that is missing, extra or of the wrong shape.
   """
-  init = lambda: qmodel.init(jax.random.key(0), *args, **kwargs)
-  shapes = jax.eval_shape(init)
+  key = jax.random.key(0)
+  float_shapes = jax.eval_shape(lambda: qmodel.model.init(key, *args, **kwargs))
   problems = []
-  for col, tree in shapes.items():
-    if col == "quant_stats":
-      continue
+  for col, tree in float_shapes.items():
     problems += shape_mismatches(tree, float_variables.get(col, {}), prefix=col)
   if problems:
     raise ValueError(f"float variables do not fit {type(qmodel.model).__name__}:\n  " + "\n  ".join(problems))
+  shapes = jax.eval_shape(lambda: qmodel.init(key, *args, **kwargs))
   out = dict(float_variables)
   if "quant_stats" in shapes:
-    out["quant_stats"] = jax.jit(lambda: init()["quant_stats"])()
+    out["quant_stats"] = jax.jit(lambda: qmodel.init(key, *args, **kwargs)["quant_stats"])()
+  if len(jax.tree.leaves(shapes.get("params", {}))) > len(jax.tree.leaves(float_shapes.get("params", {}))):
+    # Quantizer params: created by apply from the float values it reads (statistics stay empty).
+    _, new = jax.jit(lambda v: qmodel.apply(v, *args, rngs={"params": key}, mutable=["params"], **kwargs))(out)
+    out["params"] = new["params"]
   return out
 
 
