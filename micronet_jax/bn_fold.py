@@ -19,6 +19,14 @@ so the weights that are quantized are the ones an integer deploy uses. Statistic
 * ``calib=True`` (micronet's ``bn_fuse_calib``): in training the weights are folded
   with the running variance and the conv output is rescaled by sigma_run / sigma_batch,
   so the quantized weights do not jitter with the batch variance.
+* ``init_from_batch=True`` (micronet's ``pretrained_model=False``): the first training
+  batch *sets* the running statistics, ``ra = batch``, instead of averaging them into
+  the loaded ones (which, in a model trained from scratch, are the initial 0 and 1).
+  Which batch is the first is kept in a bool flag, ``quant_stats/<bn>/bn_stats_initialized``,
+  made False by ``quantize_variables`` and set by the first update, so it is checkpointed
+  and jit-compatible (no host sync); a resumed run does not re-initialise (micronet
+  does, §11.6 of its reference). The flag moves only when ``quant_stats`` is mutable as
+  well as ``batch_stats``; with ranges frozen the statistics are averaged as usual.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from micronet_jax.layers import accumulator_scale
 from micronet_jax.quantizers import bias_fake_quant
 
 Array = jax.Array
+BN_INIT_FLAG = "bn_stats_initialized"  # in quant_stats/<bn>, with init_from_batch only
 
 
 def fold_batch_norm(
@@ -54,17 +63,35 @@ def batch_moments(z: Array, fast_variance: bool = True) -> tuple[Array, Array]:
   return mean, jnp.mean(jnp.square(z - mean), axes)
 
 
+def update_running(
+    ra: Array, batch: Array, momentum: float, first: Array | bool = False
+) -> Array:
+  """``batch`` when ``first``, else ``momentum * ra + (1 - momentum) * batch`` (nn.BatchNorm's
+  update; micronet's momentum 0.1 is Flax's 0.9). No gradient into the running value."""
+  batch = jax.lax.stop_gradient(batch)
+  return jnp.where(first, batch, momentum * ra + (1 - momentum) * batch)
+
+
+def _first_batch_flag(bn: nn.Module, enabled: bool):
+  """The BN's init-from-batch flag variable, or None (option off, or a model saved
+  without the flag evaluated with ``quant_stats`` immutable)."""
+  if not enabled or not (bn.is_mutable_collection("quant_stats") or bn.has_variable("quant_stats", BN_INIT_FLAG)):
+    return None
+  return bn.variable("quant_stats", BN_INIT_FLAG, lambda: jnp.zeros((), jnp.bool_))
+
+
 def folded_conv_bn(
     conv: nn.Module, bn: nn.Module, x_q: Array, z: Array, weight_quant: Any, calib: bool,
-    use_running_average: bool, input_scale: Array | None = None,
+    use_running_average: bool, input_scale: Array | None = None, init_from_batch: bool = False,
 ) -> Array:
   """Forward of a conv (already run in float as ``z``) folded into the BN that consumes it.
 
   ``conv`` and ``bn`` are the bound float modules (their scopes hold the parameters and
   statistics, under nn.Conv's and nn.BatchNorm's own names); ``x_q`` is the conv's
   quantized input and ``input_scale`` its affine scale, if any (then b_fold is rounded to
-  the int32 grid S_in * S_w of integer inference). Must be called inside ``bn``'s method
-  (it reads/creates BN variables).
+  the int32 grid S_in * S_w of integer inference). ``init_from_batch``: the first
+  training batch sets the running statistics (see the module docstring). Must be called
+  inside ``bn``'s method (it reads/creates BN variables).
   """
   kernel = conv.get_variable("params", "kernel")
   bias = conv.get_variable("params", "bias") if conv.use_bias else None
@@ -73,14 +100,18 @@ def folded_conv_bn(
   beta = bn.param("bias", bn.bias_init, (c,), bn.param_dtype) if bn.use_bias else jnp.zeros((c,))
   ra_mean = bn.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
   ra_var = bn.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+  flag = _first_batch_flag(bn, init_from_batch)
 
   train_stats = not use_running_average and bn.is_mutable_collection("batch_stats")
   if train_stats:
     mu, var = batch_moments(z, getattr(bn, "use_fast_variance", True))
     if not bn.is_initializing():
-      m = bn.momentum
-      ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mu)
-      ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
+      first = False
+      if flag is not None and bn.is_mutable_collection("quant_stats"):
+        first = jnp.logical_not(flag.value)
+        flag.value = jnp.ones((), jnp.bool_)
+      ra_mean.value = update_running(ra_mean.value, mu, bn.momentum, first)
+      ra_var.value = update_running(ra_var.value, var, bn.momentum, first)
   else:
     mu, var = ra_mean.value, ra_var.value
 

@@ -33,6 +33,9 @@ class QuantRule:
   index: int | None = None
   fold_bn: bool = False  # fold an nn.BatchNorm that directly consumes this conv's output
   bn_calib: bool = False  # with fold_bn: micronet's bn_fuse_calib variant
+  # with fold_bn: the first training batch sets the BN running statistics (micronet's
+  # pretrained_model=False, for QAT from scratch); False averages into the loaded ones
+  bn_init_from_batch: bool = False
 
   def __post_init__(self):
     try:
@@ -46,6 +49,9 @@ class QuantRule:
       raise ValueError(f"QuantRule.kinds must be a non-empty subset of {KINDS}, got {self.kinds!r}")
     if self.index is not None and not isinstance(self.index, int):
       raise ValueError(f"QuantRule.index must be an int or None, got {self.index!r}")
+    for name in ("bn_calib", "bn_init_from_batch"):
+      if getattr(self, name) and not self.fold_bn:
+        raise ValueError(f"QuantRule.{name}=True needs fold_bn=True (it changes how a folded BatchNorm trains)")
     for name in ("weight", "act"):
       check_quantizer(f"QuantRule.{name}", getattr(self, name))
 
@@ -103,17 +109,21 @@ def iao_rules(
     observer: obs.Observer = obs.MovingAverageMinMax(),
     fold_bn: bool = False,
     bn_calib: bool = False,
+    bn_init_from_batch: bool = False,
 ) -> tuple[QuantRule, ...]:
   """micronet's IAO placement: every conv/dense layer ("full quantization"), the image
   input of the first layer included. Weights symmetric per output channel, activations
   asymmetric per tensor with a moving-average observer by default; residual adds
   (``ops.Add``) quantize both inputs on one scale. ``fold_bn`` folds
-  every BatchNorm that directly consumes a conv into it (see ``bn_fold``)."""
+  every BatchNorm that directly consumes a conv into it (see ``bn_fold``);
+  ``bn_init_from_batch`` (micronet's default, ``pretrained_model=False``) lets the first
+  training batch set the folded BatchNorms' running statistics: use it to train from
+  scratch, leave it off to start from a float checkpoint's statistics."""
   return (
       QuantRule(
           weight=_bits_or_float(w_bits, lambda b: qz.AffineWeight(b, weight_symmetric, per_channel)),
           act=_bits_or_float(a_bits, lambda b: qz.AffineActivation(b, act_symmetric, observer)),
-          kinds=KINDS, fold_bn=fold_bn, bn_calib=bn_calib,
+          kinds=KINDS, fold_bn=fold_bn, bn_calib=bn_calib, bn_init_from_batch=bn_init_from_batch,
       ),
   )
 

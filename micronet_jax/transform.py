@@ -80,7 +80,8 @@ class _Swapper:
     conv, x_q, s_in, plan = pending
     self._own_calls += 1
     try:
-      return folded_conv_bn(conv, module, x_q, x, plan.weight, self.rules[plan.rule].bn_calib, ura, s_in)
+      return folded_conv_bn(conv, module, x_q, x, plan.weight, self.rules[plan.rule].bn_calib, ura, s_in,
+                            init_from_batch=self.rules[plan.rule].bn_init_from_batch)
     finally:
       self._own_calls -= 1
 

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import micronet_jax as mj
 from micronet_jax import ops
@@ -117,3 +118,105 @@ def test_add_evaluates_from_the_union_alone():
   only_union = {"quant_stats": {"Add_0": {"input": v["quant_stats"]["Add_0"]["input"]}}}
   a, b = jnp.asarray(A1), jnp.asarray(B1)
   np.testing.assert_array_equal(np.asarray(qmodel.apply(only_union, a, b)), np.asarray(qmodel.apply(v, a, b)))
+
+
+# ----------------------------------------------------------------------------- BN statistics from the first batch
+
+
+class PointConvBN(nn.Module):
+  """1x1 conv -> BN, so that with kernel 1 and bias 0 the BN sees the input itself."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(1, (1, 1), name="conv")(x)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")(x)
+
+
+X1 = jnp.asarray([1.0, 2.0, 3.0, 6.0]).reshape(1, 2, 2, 1)  # mean 3, biased var 12.5 - 9 = 3.5
+X2 = jnp.asarray([0.0, 0.0, 2.0, 2.0]).reshape(1, 2, 2, 1)  # mean 1, biased var 2 - 1 = 1
+
+
+def _bn_model(init_from_batch: bool, calib: bool = False):
+  rule = mj.QuantRule(fold_bn=True, bn_calib=calib, bn_init_from_batch=init_from_batch)  # quantization off
+  qmodel = mj.quantize_model(PointConvBN(), (rule,))
+  fv = PointConvBN().init(jax.random.key(0), X1)
+  fv = {"params": {"conv": {"kernel": jnp.ones((1, 1, 1, 1)), "bias": jnp.zeros((1,))},
+                   "bn": {"scale": jnp.ones((1,)), "bias": jnp.zeros((1,))}},
+        "batch_stats": {"bn": {"mean": jnp.full((1,), 10.0), "var": jnp.full((1,), 7.0)}}}  # not from this data
+  return qmodel, mj.quantize_variables(qmodel, fv, X1, train=False)
+
+
+def _train_step(qmodel, v, x, mutable=("batch_stats", "quant_stats")):
+  step = jax.jit(lambda v, x: qmodel.apply(v, x, train=True, mutable=list(mutable)))
+  y, upd = step(v, x)
+  return y, {**v, **upd}
+
+
+def _stats(v):
+  return float(v["batch_stats"]["bn"]["mean"][0]), float(v["batch_stats"]["bn"]["var"][0])
+
+
+ema = lambda old, cur: float(F32(0.9) * F32(old) + F32(1 - 0.9) * F32(cur))  # nn.BatchNorm's momentum 0.9
+
+
+def test_bn_first_batch_sets_running_statistics_then_momentum():
+  qmodel, v = _bn_model(init_from_batch=True)
+  assert not bool(v["quant_stats"]["bn"]["bn_stats_initialized"])  # a fresh quant_stats: nothing seen
+  _, v = _train_step(qmodel, v, X1)
+  assert _stats(v) == (3.0, 3.5)  # the loaded (10, 7) are replaced, as micronet's pretrained_model=False
+  assert bool(v["quant_stats"]["bn"]["bn_stats_initialized"])
+  _, v = _train_step(qmodel, v, X2)  # later batches (and a resumed run: the flag is checkpointed) average
+  # 0.9 (3, 3.5) + 0.1 (1, 1) = (2.8, 3.25), to one float32 rounding (XLA may fuse the
+  # multiply-add, so the last ulp is the compiler's)
+  np.testing.assert_allclose(_stats(v), (ema(3.0, 1.0), ema(3.5, 1.0)), rtol=1.2e-7, atol=0)
+  np.testing.assert_allclose(_stats(v), (2.8, 3.25), rtol=1.2e-7, atol=0)
+
+
+def test_bn_default_averages_into_the_loaded_statistics():
+  qmodel, v = _bn_model(init_from_batch=False)
+  assert "quant_stats" not in v or "bn" not in v["quant_stats"]  # no flag: the variable tree is unchanged
+  _, v = _train_step(qmodel, v, X1)
+  np.testing.assert_allclose(_stats(v), (ema(10.0, 3.0), ema(7.0, 3.5)), rtol=1.2e-7, atol=0)
+  np.testing.assert_allclose(_stats(v), (9.3, 6.65), rtol=1.2e-7, atol=0)
+
+
+def test_bn_first_batch_flag_moves_only_in_training_with_both_collections_mutable():
+  qmodel, v = _bn_model(init_from_batch=True)
+  _, v_eval = qmodel.apply(v, X1, train=False, mutable=["batch_stats", "quant_stats"])  # eval: nothing moves
+  assert not bool(v_eval["quant_stats"]["bn"]["bn_stats_initialized"])
+  assert _stats({**v, **v_eval}) == (10.0, 7.0)
+  _, v_frozen = _train_step(qmodel, v, X1, mutable=("batch_stats",))  # ranges frozen: usual average
+  np.testing.assert_allclose(_stats(v_frozen), (9.3, 6.65), rtol=1.2e-7, atol=0)
+  assert not bool(v_frozen["quant_stats"]["bn"]["bn_stats_initialized"])
+
+
+def test_bn_first_batch_output_is_the_batch_normalised_conv():
+  # The training output always uses the batch statistics: (x - 3) / sqrt(3.5 + 1e-5). With
+  # bn_calib the weights fold the running variance, which the first batch has just set to
+  # the batch variance, so the correction sqrt(var_run + eps) / sqrt(var_B + eps) is 1.
+  expect = (np.asarray(X1, np.float32) - F32(3)) / np.sqrt(F32(3.5) + F32(1e-5))
+  for calib in (False, True):
+    qmodel, v = _bn_model(init_from_batch=True, calib=calib)
+    y, _ = _train_step(qmodel, v, X1)
+    np.testing.assert_allclose(np.asarray(y), expect, rtol=1e-6, atol=1e-6)
+
+
+def test_bn_first_batch_with_eight_bit_quantization():
+  # iao_rules(fold_bn=True, bn_init_from_batch=True): the statistics come from the float
+  # conv output (micronet's step 1), here the input itself, whatever the quantizers do.
+  _, v = _bn_model(init_from_batch=True)
+  qmodel = mj.quantize_model(PointConvBN(), mj.iao_rules(8, 8, fold_bn=True, bn_init_from_batch=True))
+  v = mj.quantize_variables(qmodel, {k: v[k] for k in ("params", "batch_stats")}, X1, train=False)
+  _, v = _train_step(qmodel, v, X1)
+  assert _stats(v) == (3.0, 3.5)
+  assert float(v["quant_stats"]["conv"]["input"].max) == 6.0  # the input observer moved as usual
+  _, v = _train_step(qmodel, v, X2)
+  np.testing.assert_allclose(_stats(v), (2.8, 3.25), rtol=1.2e-7, atol=0)
+
+
+def test_bn_init_from_batch_rule_and_preset():
+  rule, = mj.iao_rules(8, 8, fold_bn=True, bn_init_from_batch=True)
+  assert rule.fold_bn and rule.bn_init_from_batch
+  assert not mj.iao_rules(8, 8, fold_bn=True)[0].bn_init_from_batch  # default: start from loaded statistics
+  with pytest.raises(ValueError, match="bn_init_from_batch=True needs fold_bn=True"):
+    mj.QuantRule(bn_init_from_batch=True)
