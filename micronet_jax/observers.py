@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from micronet_jax.ste import round_half_away
+
 Array = jax.Array
 
 
@@ -175,7 +177,7 @@ class MSEClip:
     def mse(c):
       step = jnp.where(nonneg, c / levels, 2 * c / levels)
       lo = jnp.where(nonneg, 0.0, -c)
-      q = jnp.clip(jnp.round((x - lo) / step), 0, levels) * step + lo
+      q = jnp.clip(round_half_away((x - lo) / step), 0, levels) * step + lo
       return jnp.mean(jnp.square(q - x))
 
     cs = top * jnp.arange(1, self.candidates + 1, dtype=jnp.float32) / self.candidates

@@ -53,7 +53,8 @@ def apply_quantizer(module: nn.Module, role: str, q: Any, x: Array, channel_axis
                            channel_axis=channel_axis, update=update)
   if update:
     stats.value = new_stats
-  return x_q
+  # The maths runs in float32 (scales are float32); the layer's dtype is the user's choice.
+  return x_q.astype(x.dtype)
 
 
 def quantizer_state(module: nn.Module, role: str, q: Any) -> QState:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import micronet_jax as mj
+from micronet_jax import seam
 from micronet_jax.quantizers import affine_fake_quant
 
 KEY = jax.random.key(0)
@@ -100,3 +101,26 @@ def test_kernel_gradient_passes_the_ste():
   # Identity STE inside the range: d/dW sum(x @ Wq) = x.sum(0) for every output column.
   np.testing.assert_allclose(g["kernel"], jnp.tile(x.sum(0)[:, None], (1, 2)), rtol=1e-6)
   np.testing.assert_allclose(g["bias"], [4.0, 4.0])
+
+
+def test_fake_quant_keeps_the_layer_dtype():
+  """bf16 in, bf16 out: the quantizer maths runs in float32, the result is cast back."""
+  x = jax.random.normal(jax.random.key(3), (4, 6)).astype(jnp.bfloat16)
+  qmodel = mj.quantize_model(nn.Dense(3, dtype=jnp.bfloat16),
+                             [mj.QuantRule(weight=mj.AffineWeight(8), act=mj.AffineActivation(8))])
+  v = qmodel.init(jax.random.key(0), x)
+  y, upd = qmodel.apply(v, x, mutable=["quant_stats"])
+  assert y.dtype == jnp.bfloat16
+
+  class Probe(nn.Module):  # the seam itself: float32 maths, the input's dtype out
+    @nn.compact
+    def __call__(self, x):
+      return seam.apply_quantizer(self, "input", mj.AffineActivation(8), x, None)
+
+  probe_out, _ = Probe().init_with_output(jax.random.key(0), x)
+  assert probe_out.dtype == jnp.bfloat16
+  aq = mj.AffineActivation(8)
+  s, z = aq.qparams(upd["quant_stats"]["input"])
+  xq = mj.affine_fake_quant(x.astype(jnp.float32), s, z, 0, 255).astype(jnp.bfloat16)
+  kq = mj.AffineWeight(8).fake_quant(v["params"]["kernel"]).astype(jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(xq @ kq + v["params"]["bias"].astype(jnp.bfloat16), np.float32))
