@@ -20,10 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from micronet_jax import models, rules
-from micronet_jax.calibrate import calibrate
-from micronet_jax.convert import convert, integer_apply
-from micronet_jax.transform import quantize_model, quantize_variables
+from micronet_jax import models
+
+from micronet_jax._src.core import rules
+from micronet_jax._src.flax.calibrate import calibrate
+from micronet_jax._src.deploy.integer import convert, integer_apply
+from micronet_jax._src.flax.transform import quantize_model, quantize_variables
 
 NETS = {
     "LeNet": (models.LeNet(), False),

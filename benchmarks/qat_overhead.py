@@ -18,8 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from micronet_jax import models, rules, train
-from micronet_jax.transform import quantize_model
+from micronet_jax import models
+
+from micronet_jax._src.core import rules
+
+from micronet_jax.app import train
+from micronet_jax._src.flax.transform import quantize_model
 
 VARIANTS = {
     "float": (),

@@ -23,9 +23,11 @@ import sys
 import jax
 import numpy as np
 
-from micronet_jax import binary_deploy, data as data_lib
-from micronet_jax.experiment import TrainConfig, load_run, read_config, run
-from micronet_jax.train import package_versions
+from micronet_jax._src.deploy import binary as binary_deploy
+
+from micronet_jax.app import data as data_lib
+from micronet_jax.app.experiment import TrainConfig, load_run, read_config, run
+from micronet_jax.app.train import package_versions
 from report import write_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,7 +65,7 @@ def packed_accuracy(run_dir: str, dataset: data_lib.Dataset, xnor: bool, batch: 
   fake-quant model's, deploy bytes)."""
   config, net, variables = load_run(run_dir)
   x0 = config.example_input()
-  fused, packed = binary_deploy.deploy(net, variables, x0, train=False)
+  fused, packed = binary_deploy.deploy_binary(net, variables, x0, train=False)
   fake = jax.jit(lambda v, x: net.apply(v, x, train=False))
   dep = jax.jit(lambda v, x: fused.apply(v, x, train=False, xnor=xnor))
   correct = agree = 0
@@ -185,7 +187,7 @@ def main() -> int:
           "choice, NIN-GC, is not used: XLA's CPU grouped convolutions are about 20x slower per MAC than plain ones.",
           "Size as micronet's table: parameters (BatchNorm included), MB = 10^6 bytes with binary kernels at 1 bit, "
           "ternary at 2 bits and everything else at 32 bits, compression = 1 - size / float size. "
-          "\"packed deploy\" is the real artifact after BN -> bias fusion (`binary_deploy.deploy`): packed kernels, "
+          "\"packed deploy\" is the real artifact after BN -> bias fusion (`binary_deploy.deploy_binary`): packed kernels, "
           "one float32 alpha per output channel, float first/last layers and biases; BatchNorms are gone. "
           "\"packed acc\" evaluates that artifact (kernels unpacked on the fly) and says how many test predictions "
           "equal the fake-quant model's; \"XNOR acc\" runs every W1A1 layer by XNOR/popcount.",

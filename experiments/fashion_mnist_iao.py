@@ -18,7 +18,7 @@ import os
 import shlex
 import sys
 
-from micronet_jax import cli
+from micronet_jax.app import cli
 from report import write_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from micronet_jax.experiment import TrainConfig, run
+from micronet_jax.app.experiment import TrainConfig, run
 from report import write_report
 
 RUNS = {

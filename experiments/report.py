@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any, Sequence
 
-from micronet_jax.train import package_versions
+from micronet_jax.app.train import package_versions
 
 
 def write_report(results_dir: str, name: str, *, title: str, intro: str, commands: Sequence[str],

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from micronet_jax import data
+from micronet_jax.app import data
 
 FASHION_MNIST_DIR = data.SYSTEM_DIRS["fashion_mnist"]
 NO_FASHION_MNIST = (

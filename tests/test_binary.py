@@ -17,11 +17,11 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import micronet_jax as mj
-from micronet_jax import binary as B
-from micronet_jax import binary_deploy as D
-from micronet_jax import train as train_lib
+from micronet_jax._src.core import binary as B
+from micronet_jax._src.deploy import binary as D
+from micronet_jax.app import train as train_lib
 from micronet_jax.models import NIN, NINGC, LeNet
-from micronet_jax.stats import model_stats
+from micronet_jax._src.flax.stats import model_stats
 
 KEY = jax.random.key(0)
 
@@ -183,7 +183,7 @@ def test_act_field_keeps_default_models_unchanged():
 
 def test_binary_activation_lenet_is_built_without_dropout():
   """sign(0) = +1 would turn each dropped unit into +1; A32 and float keep the dropout."""
-  from micronet_jax.experiment import TrainConfig, build
+  from micronet_jax.app.experiment import TrainConfig, build
 
   rates = {}
   for quant, a in (("float", 32), ("binary", 1), ("ternary", 1), ("binary", 32)):
@@ -367,7 +367,7 @@ def test_lenet_w1a1_deploy_with_xnor_dense_and_model_size():
   # Nonzero biases (random_variables): with zero biases a sum of an even number of +-alpha
   # can be exactly 0, which XNOR gets exactly (sign +1) and a float conv only to rounding.
   v = random_variables(qmodel, x)
-  fused, dv = mj.deploy(qmodel, v, x, train=False)
+  fused, dv = mj.deploy_binary(qmodel, v, x, train=False)
   assert fused.fused_bns == () and fused.xnor_layers == ("Conv_1", "Dense_0")
   y = jax.jit(lambda v, x: qmodel.apply(v, x, train=False))(v, x)
   apply = jax.jit(lambda v, x, xnor: fused.apply(v, x, train=False, xnor=xnor), static_argnums=2)
@@ -396,7 +396,7 @@ def test_lenet_w1a1_deploy_with_xnor_dense_and_model_size():
     (["--quant", "ternary", "--a-bits", "8"], "with ternary weights a_bits must be 1 (binary) or 32 (float ReLU); got 8"),
 ], ids=["binary-a2", "binary-w2", "ternary-w1", "ternary-a8"])
 def test_cli_bad_binary_values_exit_2(capsys, tmp_path, args, message):
-  from micronet_jax import cli
+  from micronet_jax.app import cli
 
   rc = cli.main(["train", *args, "--out", str(tmp_path / "run"), "--no-progress"])
   out, err = capsys.readouterr()
@@ -407,7 +407,7 @@ def test_cli_bad_binary_values_exit_2(capsys, tmp_path, args, message):
 
 def test_cli_binary_run_on_synthetic_data(capsys, tmp_path, no_data_sources):
   from conftest import make_idx_dir
-  from micronet_jax import cli
+  from micronet_jax.app import cli
 
   folder = tmp_path / "idx"
   make_idx_dir(folder, n_train=32, n_test=16)

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 import micronet_jax as mj
-from micronet_jax import train
-from micronet_jax.bn_fold import batch_moments, fold_batch_norm
-from micronet_jax.calibrate import calibrate
+from micronet_jax.app import train
+from micronet_jax._src.flax.bn_fold import batch_moments, fold_batch_norm
+from micronet_jax._src.flax.calibrate import calibrate
 from micronet_jax.models import NIN
-from micronet_jax.ops import global_avg_pool
+from micronet_jax._src.flax.ops import global_avg_pool
 from tests.conftest import init_variables
 
 KEY = jax.random.key(0)

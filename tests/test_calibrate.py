@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import micronet_jax as mj
-from micronet_jax import observers as obs
-from micronet_jax import train
-from micronet_jax.calibrate import METHODS, calibrate, make_observer, ptq_rules
-from micronet_jax.data import train_batches
+from micronet_jax._src.core import observers as obs
+from micronet_jax.app import train
+from micronet_jax._src.flax.calibrate import METHODS, calibrate, make_observer, ptq_rules
+from micronet_jax.app.data import train_batches
 from micronet_jax.models import LeNet
 from tests.conftest import init_variables
 

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from micronet_jax import cli
+from micronet_jax.app import cli
 from conftest import make_idx_dir
 
 PREFIX = "micronet-jax train: error: "

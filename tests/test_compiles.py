@@ -16,9 +16,9 @@ import numpy as np
 from jax import monitoring
 
 import micronet_jax as mj
-from micronet_jax import calibrate as calibrate_lib
-from micronet_jax.calibrate import calibrate, ptq_rules
-from micronet_jax.convert import _codes, _weight_qparams, convert  # the jitted helpers, to count
+from micronet_jax._src.flax import calibrate as calibrate_lib
+from micronet_jax._src.flax.calibrate import calibrate, ptq_rules
+from micronet_jax._src.deploy.integer import _codes, _weight_qparams, convert  # the jitted helpers, to count
 from micronet_jax.models import LeNet
 from tests.conftest import init_variables
 

@@ -22,11 +22,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import micronet_jax as mj
-from micronet_jax import data, ops, train
-from micronet_jax import quantizers as qz
-from micronet_jax.calibrate import calibrate
-from micronet_jax.convert import (Deploy, convert, fake_quant_codes, integer_apply, precise_mul_shift,
-                                  precise_multiplier, quantize_multiplier, rounding_mul_shift)
+from micronet_jax.app import data
+from micronet_jax._src.flax import ops
+from micronet_jax.app import train
+from micronet_jax._src.core import quantizers as qz
+from micronet_jax._src.flax.calibrate import calibrate
+from micronet_jax._src.core.fixed_point import (precise_mul_shift, precise_multiplier, quantize_multiplier,
+                                               rounding_mul_shift)
+from micronet_jax._src.deploy.integer import Deploy, convert, fake_quant_codes, integer_apply
 from micronet_jax.models import NIN, LeNet
 from tests.conftest import init_variables
 

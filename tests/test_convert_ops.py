@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import micronet_jax as mj
-from micronet_jax import ops
-from micronet_jax.calibrate import calibrate
-from micronet_jax.convert import fake_quant_codes
+from micronet_jax._src.flax import ops
+from micronet_jax._src.flax.calibrate import calibrate
+from micronet_jax._src.deploy.integer import fake_quant_codes
 from micronet_jax.models import NINGC
 from tests.conftest import init_variables
 

@@ -1,4 +1,4 @@
-"""micronet_jax.data: IDX reading, the three sources of ``load``, normalisation, batching."""
+"""micronet_jax.app.data: IDX reading, the three sources of ``load``, normalisation, batching."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from micronet_jax import data
+from micronet_jax.app import data
 from conftest import idx_bytes, make_idx_dir, write_idx
 
 # ----------------------------------------------------------------------------- read_idx

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import micronet_jax as mj
-from micronet_jax import seam
-from micronet_jax.quantizers import affine_fake_quant
+from micronet_jax._src.flax import seam
+from micronet_jax._src.core.quantizers import affine_fake_quant
 
 KEY = jax.random.key(0)
 X_IMG = jax.random.normal(jax.random.key(1), (2, 9, 9, 4))

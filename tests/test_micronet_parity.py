@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import micronet_jax as mj
-from micronet_jax import ops
-from micronet_jax.quantizers import affine_fake_quant
+from micronet_jax._src.flax import ops
+from micronet_jax._src.core.quantizers import affine_fake_quant
 
 F32 = np.float32
 

@@ -1,4 +1,4 @@
-"""Range observers (micronet_jax.observers) and the observer inside AffineActivation.
+"""Range observers (micronet_jax._src.core.observers) and the observer inside AffineActivation.
 
 Reference: shared/reference/micronet.md section 6.1. MinMax: the first batch sets the
 range, later batches only widen it. MovingAverageMinMax(momentum=0.1): the first batch
@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from micronet_jax import observers as obs
-from micronet_jax.quantizers import AffineActivation, affine_fake_quant, affine_qparams
+from micronet_jax._src.core import observers as obs
+from micronet_jax._src.core.quantizers import AffineActivation, affine_fake_quant, affine_qparams
 
 jax.config.update("jax_enable_x64", False)
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from micronet_jax import cli
+from micronet_jax.app import cli
 from tests.conftest import make_idx_dir
 
 
@@ -59,7 +59,7 @@ def test_ptq_qaft_convert_eval(idx, float_run, tmp_path, capsys):
 
 
 def test_qaft_keeps_observers_frozen(idx, float_run, tmp_path):
-  from micronet_jax.experiment import load_run
+  from micronet_jax.app.experiment import load_run
   import jax
 
   ptq, qaft = tmp_path / "ptq", tmp_path / "qaft"

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 import micronet_jax as mj
-from micronet_jax.plan import ModelPlan
+from micronet_jax._src.flax.plan import ModelPlan
 
 KEY = jax.random.key(0)
 X = jax.random.normal(jax.random.key(1), (4, 8, 8, 2))

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 import micronet_jax as mj
-from micronet_jax.protocol import AffineGrid, QState, Quantizer
+from micronet_jax._src.core.protocol import AffineGrid, QState, Quantizer
 
 KEY = jax.random.key(0)
 X = jax.random.normal(jax.random.key(1), (16, 6))

@@ -14,8 +14,12 @@ import numpy as np
 import optax
 import pytest
 
-from micronet_jax import cli, experiment, models
-from micronet_jax import prune as P
+from micronet_jax import models
+
+from micronet_jax.app import cli
+
+from micronet_jax.app import experiment
+from micronet_jax._src.prune import slimming as P
 from micronet_jax.models import nin as nin_lib
 from conftest import make_idx_dir
 
@@ -173,7 +177,7 @@ def test_bn_sparsity_in_a_jitted_train_step():
   With a push much larger than the loss gradient, Adam's first step moves every gamma
   (the classifier's included, as in micronet) by lr against the sign of gamma, not of
   its loss gradient."""
-  from micronet_jax import train as train_lib
+  from micronet_jax.app import train as train_lib
 
   model = models.NIN(cfg=(4, 4, 4, 4, 4, 4, 4, 4))
   variables = random_variables(model, seed=4)

@@ -1,4 +1,4 @@
-"""Quantizer functions and specs (micronet_jax.quantizers).
+"""Quantizer functions and specs (micronet_jax._src.core.quantizers).
 
 DoReFa must match micronet bit for bit (shared/reference/micronet.md sections 1 and 5):
 the references below are numpy float32 in micronet's order of operations
@@ -24,8 +24,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from micronet_jax import observers as obs
-from micronet_jax.quantizers import (
+from micronet_jax._src.core import observers as obs
+from micronet_jax._src.core.quantizers import (
     EPS,
     AffineActivation,
     AffineWeight,

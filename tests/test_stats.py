@@ -9,9 +9,9 @@ import pytest
 
 from micronet_jax import models
 from micronet_jax.models import nin as nin_lib
-from micronet_jax.rules import dorefa_rules, iao_rules
-from micronet_jax.stats import model_stats
-from micronet_jax.transform import quantize_model
+from micronet_jax._src.core.rules import dorefa_rules, iao_rules
+from micronet_jax._src.flax.stats import model_stats
+from micronet_jax._src.flax.transform import quantize_model
 
 LENET_X = jnp.zeros((2, 28, 28, 1))
 

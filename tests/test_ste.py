@@ -1,4 +1,4 @@
-"""Straight-through estimators (micronet_jax.ste): forward values and hand-written gradients.
+"""Straight-through estimators (micronet_jax._src.core.ste): forward values and hand-written gradients.
 
 Reference: shared/reference/micronet.md section 1 (round half away from zero, torch.clamp's
 inclusive gradient, sign(0) handling) and section 4.3 (|x| < 1 window of the sign STE).
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from micronet_jax.ste import (
+from micronet_jax._src.core.ste import (
     clip_inclusive,
     clipped_round_ste,
     round_half_away,

@@ -1,5 +1,5 @@
-"""micronet_jax.train: the optimizer, the jitted steps, model state, checkpoints, and a
-short real-data run through micronet_jax.experiment."""
+"""micronet_jax.app.train: the optimizer, the jitted steps, model state, checkpoints, and a
+short real-data run through micronet_jax.app.experiment."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ import optax
 import pytest
 from jax import monitoring
 
-from micronet_jax import experiment, iao_rules, quantize_model, quantize_variables, train
+from micronet_jax import iao_rules, quantize_model, quantize_variables
+
+from micronet_jax.app import experiment
+
+from micronet_jax.app import train
 from micronet_jax.models import LeNet
 
 BATCH = 32

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 
+from micronet_jax import SlimLayer
 from micronet_jax.ops import global_avg_pool
 
 NIN_CFG = (192, 160, 96, 192, 192, 192, 192, 192)
@@ -71,6 +72,10 @@ class NIN(nn.Module):
   cfg: Sequence[int] = NIN_CFG
   act: Callable = nn.relu
 
+  def slim_layout(self) -> tuple[SlimLayer, ...]:
+    """The conv+BN chain network slimming prunes (``micronet_jax.prune``)."""
+    return tuple(SlimLayer(f"block{i}") for i in range(len(NIN_LAYOUT)))
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     _check_cfg(self.cfg, "NIN")
@@ -90,6 +95,10 @@ class NINGC(nn.Module):
   num_classes: int = 10
   cfg: Sequence[int] = NIN_GC_CFG
   act: Callable = nn.relu
+
+  def slim_layout(self) -> tuple[SlimLayer, ...]:
+    """The conv+BN chain with its groups and shuffles, for network slimming."""
+    return tuple(SlimLayer(f"block{i}", g, s) for i, (_, _, g, s) in enumerate(NIN_GC_LAYOUT))
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

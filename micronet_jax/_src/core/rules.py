@@ -14,9 +14,9 @@ import dataclasses
 import re
 from typing import Any, Sequence
 
-from micronet_jax import observers as obs
-from micronet_jax import quantizers as qz
-from micronet_jax.protocol import check_quantizer
+from micronet_jax._src.core import observers as obs
+from micronet_jax._src.core import quantizers as qz
+from micronet_jax._src.core.protocol import check_quantizer
 
 LAYER_KINDS = ("dense", "conv", "conv_transpose")
 KINDS = (*LAYER_KINDS, "add")  # "add": the marked residual add, ``ops.Add`` (activation only)
@@ -139,9 +139,9 @@ def binary_rules(w_bits: int = 1, a_bits: int = 1, *, layers: str = "conv", cent
   the last conv into sign). Dense layers stay float. ``layers="all"`` counts dense layers
   too (for networks such as LeNet with two convs): first and last layer float, every
   layer between binarised. With ``a_bits=1`` the model must not apply ReLU in front of
-  the binarised layers (see ``micronet_jax.binary``: build it with ``act=identity``).
+  the binarised layers (see ``micronet_jax._src.core.binary``: build it with ``act=identity``).
   """
-  from micronet_jax import binary
+  from micronet_jax._src.core import binary
 
   if w_bits not in (1, 2, 32):
     raise ValueError(f"binary/ternary rules: w_bits must be 1 (binary), 2 (ternary) or 32 (float), got {w_bits!r}")

@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from micronet_jax import observers as obs
-from micronet_jax.protocol import ObservedActivation, QState, StatelessWeight
-from micronet_jax.ste import clip_inclusive, clipped_round_ste, round_half_away, round_ste
+from micronet_jax._src.core import observers as obs
+from micronet_jax._src.core.protocol import ObservedActivation, QState, StatelessWeight
+from micronet_jax._src.core.ste import clip_inclusive, clipped_round_ste, round_half_away, round_ste
 
 Array = jax.Array
 

@@ -99,4 +99,4 @@ class ObservedActivation:
 def check_quantizer(owner: str, q: Any) -> None:
   """Raises a ValueError naming ``owner`` unless ``q`` is None or follows the protocol."""
   if q is not None and not isinstance(q, Quantizer):
-    raise ValueError(f"{owner} must be a quantizer (init/apply, see micronet_jax.protocol) or None, got {q!r}")
+    raise ValueError(f"{owner} must be a quantizer (init/apply, see micronet_jax._src.core.protocol) or None, got {q!r}")

@@ -20,15 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from micronet_jax import data as data_lib
-from micronet_jax import binary as binary_lib
-from micronet_jax import models, prune as prune_lib, rules as rules_lib, train as train_lib
-from micronet_jax.calibrate import calibrate, make_observer
-from micronet_jax.errors import ConfigError
-from micronet_jax.observers import OBSERVERS as OBSERVER_NAMES
-from micronet_jax.quantizers import MAX_BITS, MIN_BITS
-from micronet_jax.stats import model_stats
-from micronet_jax.transform import QuantizedModel, quantize_model, quantize_variables, summary
+from micronet_jax.app import data as data_lib
+from micronet_jax._src.core import binary as binary_lib
+from micronet_jax import models
+from micronet_jax._src.prune import slimming as prune_lib
+from micronet_jax._src.core import rules as rules_lib
+from micronet_jax.app import train as train_lib
+from micronet_jax._src.flax.calibrate import calibrate, make_observer
+from micronet_jax.app.errors import ConfigError
+from micronet_jax._src.core.observers import OBSERVERS as OBSERVER_NAMES
+from micronet_jax._src.core.quantizers import MAX_BITS, MIN_BITS
+from micronet_jax._src.flax.stats import model_stats
+from micronet_jax._src.flax.transform import QuantizedModel, quantize_model, quantize_variables, summary
 
 QUANT_METHODS = ("float", *rules_lib.PRESETS)
 BINARY_BITS = {"binary": 1, "ternary": 2}  # weight bits of the wbwtab methods
@@ -371,7 +374,7 @@ def convert_run(from_run: str, out: str, data_dir: str | None = None, batch_size
   """Integer deploy of an IAO run: ``deploy.npz`` (int8/int32 arrays), a serialized
   ``jax.export`` of ``integer_apply`` with the arrays baked in (``integer_model.jax``,
   any batch size), ``deploy.json``; reports sizes and fake-quant vs integer accuracy."""
-  from micronet_jax.convert import convert, integer_apply
+  from micronet_jax._src.deploy.integer import convert, integer_apply
 
   src, qmodel, variables = load_run(from_run)
   if src.quant != "iao":
@@ -433,7 +436,7 @@ def eval_artifact(artifact_dir: str, data_dir: str | None = None, batch_size: in
   with open(os.path.join(artifact_dir, ARTIFACT_FILE), "rb") as f:
     exported = jax.export.deserialize(bytearray(f.read()))
   dataset = data_lib.subset(data_lib.load(meta["dataset"], data_dir), None, limit_test)
-  from micronet_jax.convert import quantize_input
+  from micronet_jax._src.deploy.integer import quantize_input
 
   correct = 0
   for i in range(0, len(dataset.x_test), batch_size):

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from micronet_jax import data as data_lib
+from micronet_jax.app import data as data_lib
 from micronet_jax import models
-from micronet_jax.errors import ConfigError
-from micronet_jax.observers import OBSERVERS
+from micronet_jax.app.errors import ConfigError
+from micronet_jax._src.core.observers import OBSERVERS
 
 OBSERVER_CHOICES = tuple(OBSERVERS)
 
@@ -29,7 +29,7 @@ class UsageError(Exception):
 
 
 def _add_train(sub) -> None:
-  from micronet_jax.experiment import LR_SCHEDULES, QUANT_METHODS, TrainConfig
+  from micronet_jax.app.experiment import LR_SCHEDULES, QUANT_METHODS, TrainConfig
 
   d = TrainConfig()
   p = sub.add_parser(
@@ -92,7 +92,7 @@ def _add_train(sub) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-  from micronet_jax.experiment import TrainConfig, method_defaults, read_config, run
+  from micronet_jax.app.experiment import TrainConfig, method_defaults, read_config, run
 
   d = TrainConfig()
   src = read_config(args.from_run) if args.from_run else d
@@ -124,7 +124,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _add_ptq(sub) -> None:
-  from micronet_jax.calibrate import METHODS
+  from micronet_jax._src.flax.calibrate import METHODS
 
   p = sub.add_parser(
       "ptq",
@@ -152,8 +152,8 @@ def _add_ptq(sub) -> None:
 
 
 def _ptq(args: argparse.Namespace) -> int:
-  from micronet_jax.experiment import ptq_run
-  from micronet_jax.quantizers import MAX_BITS, MIN_BITS
+  from micronet_jax.app.experiment import ptq_run
+  from micronet_jax._src.core.quantizers import MAX_BITS, MIN_BITS
 
   for name in ("w_bits", "a_bits"):
     if not MIN_BITS <= getattr(args, name) <= MAX_BITS:
@@ -188,7 +188,7 @@ def _add_prune(sub) -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
-  from micronet_jax.experiment import prune_run
+  from micronet_jax.app.experiment import prune_run
 
   if not 0.0 <= args.percent < 1.0:
     raise UsageError(f"--percent must be in [0, 1), got {args.percent}")
@@ -216,7 +216,7 @@ def _add_convert(sub) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-  from micronet_jax.experiment import convert_run
+  from micronet_jax.app.experiment import convert_run
 
   convert_run(args.from_run, args.out, args.data_dir)
   print(f"wrote {args.out} (evaluate it with: micronet-jax eval --artifact {args.out})")
@@ -236,7 +236,7 @@ def _add_eval(sub) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-  from micronet_jax.experiment import eval_artifact
+  from micronet_jax.app.experiment import eval_artifact
 
   if args.limit_test is not None and args.limit_test < 1:
     raise UsageError(f"--limit-test must be at least 1, got {args.limit_test}")

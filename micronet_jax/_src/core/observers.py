@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from micronet_jax.ste import round_half_away
+from micronet_jax._src.core.ste import round_half_away
 
 Array = jax.Array
 

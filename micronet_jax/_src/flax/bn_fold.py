@@ -37,8 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from micronet_jax.layers import accumulator_scale
-from micronet_jax.quantizers import bias_fake_quant
+from micronet_jax._src.flax.layers import accumulator_scale
+from micronet_jax._src.core.quantizers import bias_fake_quant
 
 Array = jax.Array
 BN_INIT_FLAG = "bn_stats_initialized"  # in quant_stats/<bn>, with init_from_batch only

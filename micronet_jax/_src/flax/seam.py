@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from micronet_jax.protocol import QState
+from micronet_jax._src.core.protocol import QState
 
 Array = jax.Array
 STATS = "quant_stats"

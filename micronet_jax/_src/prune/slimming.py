@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from micronet_jax.models import nin as nin_lib
 
 # ----------------------------------------------------------------------------- sparsity
 
@@ -87,17 +86,28 @@ class SlimLayer(NamedTuple):
   shuffle: int = 0
 
 
-def slimming_layout(model) -> tuple[SlimLayer, ...]:
-  """The conv+BN chain of a supported model (NIN, NIN-GC). The last block is the
-  classifier and is never pruned."""
-  if isinstance(model, nin_lib.NINGC):
-    return tuple(SlimLayer(f"block{i}", g, s) for i, (_, _, g, s) in enumerate(nin_lib.NIN_GC_LAYOUT))
-  if isinstance(model, nin_lib.NIN):
-    return tuple(SlimLayer(f"block{i}") for i in range(len(nin_lib.NIN_LAYOUT)))
-  raise ValueError(
-      f"network slimming needs a chain of conv+BatchNorm blocks; supported models are NIN and NIN-GC, "
-      f"got {type(model).__name__}"
-  )
+@runtime_checkable
+class Slimmable(Protocol):
+  """A model network slimming can prune: a chain of conv+BatchNorm blocks named
+  ``slim_layout()[i].name``, each conv reading the previous block's output (after an
+  optional channel shuffle), the last block being the classifier. ``cfg`` holds the
+  widths of the blocks before the last, and the model rebuilt with a smaller ``cfg`` is
+  the pruned network."""
+
+  cfg: Sequence[int]
+
+  def slim_layout(self) -> tuple[SlimLayer, ...]:
+    ...
+
+
+def slimming_layout(model: Any) -> tuple[SlimLayer, ...]:
+  """The conv+BN chain of a model that declares one (``Slimmable``; the zoo's NIN and
+  NIN-GC do). The last block is the classifier and is never pruned."""
+  if not isinstance(model, Slimmable):
+    raise ValueError(
+        f"network slimming needs a chain of conv+BatchNorm blocks declared by the model's slim_layout() "
+        f"(as micronet_jax.models.NIN and NINGC do); {type(model).__name__} has none")
+  return tuple(model.slim_layout())
 
 
 def _shuffle_position(c: np.ndarray, width: int, groups: int) -> np.ndarray:

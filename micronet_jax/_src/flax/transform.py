@@ -20,13 +20,15 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 
-from micronet_jax import ops, seam
-from micronet_jax import quantizers as qz
-from micronet_jax.bn_fold import folded_conv_bn
-from micronet_jax.layers import LAYER_KIND, QUANTIZED_COUNTERPART, input_scale, quantize_input
-from micronet_jax.plan import LayerPlan, ModelPlan, call_batch_norm, decide, float_fields, record
-from micronet_jax.rules import QuantRule
-from micronet_jax.treeutil import shape_mismatches
+from micronet_jax._src.flax import ops
+
+from micronet_jax._src.flax import seam
+from micronet_jax._src.core import quantizers as qz
+from micronet_jax._src.flax.bn_fold import folded_conv_bn
+from micronet_jax._src.flax.layers import LAYER_KIND, QUANTIZED_COUNTERPART, input_scale, quantize_input
+from micronet_jax._src.flax.plan import LayerPlan, ModelPlan, call_batch_norm, decide, float_fields, record
+from micronet_jax._src.core.rules import QuantRule
+from micronet_jax._src.core.treeutil import shape_mismatches
 
 _FLAX_CALL_KWARGS = ("rngs", "mutable", "capture_intermediates")  # not the model's own inputs
 

@@ -25,9 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from micronet_jax import seam
-from micronet_jax.protocol import AffineGrid, QState
-from micronet_jax.quantizers import bias_fake_quant
+from micronet_jax._src.flax import seam
+from micronet_jax._src.core.protocol import AffineGrid, QState
+from micronet_jax._src.core.quantizers import bias_fake_quant
 
 Array = jax.Array
 INPUT_STATS = "input"

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from micronet_jax.transform import QuantizedModel, quantize_model
+from micronet_jax._src.flax.transform import QuantizedModel, quantize_model
 
 
 @dataclasses.dataclass(frozen=True)

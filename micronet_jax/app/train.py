@@ -22,8 +22,8 @@ import optax
 from flax.training import train_state
 from tqdm.auto import tqdm
 
-from micronet_jax import data as data_lib
-from micronet_jax.treeutil import shape_mismatches
+from micronet_jax.app import data as data_lib
+from micronet_jax._src.core.treeutil import shape_mismatches
 
 Array = jax.Array
 

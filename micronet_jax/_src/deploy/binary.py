@@ -41,10 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from micronet_jax import binary as bn_lib
-from micronet_jax.layers import LAYER_KIND, QuantConv, QuantDense
-from micronet_jax.rules import QuantRule
-from micronet_jax.transform import QuantizedModel, quantize_model
+from micronet_jax._src.core import binary as bn_lib
+from micronet_jax._src.flax.layers import LAYER_KIND, QuantConv, QuantDense
+from micronet_jax._src.core.rules import QuantRule
+from micronet_jax._src.flax.transform import QuantizedModel, quantize_model
 
 Array = jax.Array
 WEIGHT_KINDS = {bn_lib.BinaryWeight: "binary", bn_lib.TernaryWeight: "ternary"}
@@ -428,7 +428,7 @@ def pack_variables(fused: FusedModel, variables: dict) -> dict:
   return {**variables, "params": params}
 
 
-def deploy(qmodel: QuantizedModel, variables: dict, *args, **kwargs) -> tuple[FusedModel, dict]:
+def deploy_binary(qmodel: QuantizedModel, variables: dict, *args, **kwargs) -> tuple[FusedModel, dict]:
   """``fuse_bn`` then ``pack_variables``: the deploy artifact of a trained binary/ternary model."""
   fused, fv = fuse_bn(qmodel, variables, *args, **kwargs)
   return fused, pack_variables(fused, fv)

@@ -19,9 +19,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from micronet_jax import observers as obs
-from micronet_jax.rules import QuantRule, iao_rules
-from micronet_jax.transform import QuantizedModel
+from micronet_jax._src.core import observers as obs
+from micronet_jax._src.core.rules import QuantRule, iao_rules
+from micronet_jax._src.flax.transform import QuantizedModel
 
 METHODS = tuple(obs.OBSERVERS)
 

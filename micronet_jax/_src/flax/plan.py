@@ -20,9 +20,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from micronet_jax import ops, seam
-from micronet_jax.layers import LAYER_KIND, QuantConv, QuantConvTranspose, QuantDense
-from micronet_jax.rules import QuantRule, first_match
+from micronet_jax._src.flax import ops
+
+from micronet_jax._src.flax import seam
+from micronet_jax._src.flax.layers import LAYER_KIND, QuantConv, QuantConvTranspose, QuantDense
+from micronet_jax._src.core.rules import QuantRule, first_match
 
 HAND_WRITTEN = {QuantDense: "dense", QuantConv: "conv", QuantConvTranspose: "conv_transpose"}
 

@@ -1,0 +1,95 @@
+"""Small marked ops that a quantized or integer network must see, for use in models.
+
+Most ops between layers need nothing: ReLU, max-pooling, reshapes, channel shuffles
+and dropout act on quantized values exactly as on float ones. Two kinds do not, and a
+model marks them with these helpers (in float they are exactly ``a + b`` and a mean):
+
+* ``Add``: a residual add. Under quantization both inputs are fake-quantized on one
+  shared scale (micronet's QuantAdd: one observer per input, the scale of the union of
+  their ranges); in integer inference both are requantized to that scale and added in
+  int32.
+* ``global_avg_pool`` / ``avg_pool``: in integer inference the mean of int32
+  accumulators is taken with integer rounding instead of a float division.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from micronet_jax._src.core import observers as obs
+
+
+Array = jax.Array
+INPUT_STATS = "input"  # as layers.INPUT_STATS
+
+
+def union_range(a: obs.RangeState, b: obs.RangeState) -> obs.RangeState:
+  """The smallest range covering both: [min(a.min, b.min), max(a.max, b.max)].
+
+  Initialised only when both are (micronet's QuantAdd takes the union of its two
+  observers' ranges before every quantization).
+  """
+  return obs.RangeState(
+      min=jnp.minimum(a.min, b.min),
+      max=jnp.maximum(a.max, b.max),
+      initialized=jnp.logical_and(a.initialized, b.initialized),
+  )
+
+
+class Add(nn.Module):
+  """``a + b``; the transform quantizes both inputs on one scale when a rule of kind
+  ``"add"`` matches.
+
+  As micronet's QuantAdd (``observer_res``, ``observer_shortcut``): each input has its own
+  observer, ``quant_stats/<path>/input_a`` and ``input_b``, and both inputs are quantized
+  with the scale of the union of the two ranges, which is kept in
+  ``quant_stats/<path>/input`` (what evaluation and the integer converter read). With
+  a moving average per input, the shared range is
+  ``[min(ma(min a), ma(min b)), max(ma(max a), ma(max b))]``, so the wider branch is
+  never clipped to an average of the two. While nothing has been observed, the union of
+  the batch's two ranges is used.
+  """
+
+  act_quant: Any = None
+
+  @nn.compact
+  def __call__(self, a: Array, b: Array) -> Array:
+    q = self.act_quant
+    if q is None:
+      return a + b
+    if not hasattr(q, "observer"):
+      raise ValueError(f"ops.Add {'/'.join(self.scope.path)}: the shared input scale needs an activation "
+                       f"quantizer with an observer (e.g. AffineActivation), got {type(q).__name__}")
+    union = self.variable("quant_stats", INPUT_STATS, q.init_state, a)
+    if self.is_mutable_collection("quant_stats"):  # the per-input ranges are needed only to update
+      stats_a = self.variable("quant_stats", INPUT_STATS + "_a", q.init_state, a)
+      stats_b = self.variable("quant_stats", INPUT_STATS + "_b", q.init_state, b)
+      if not self.is_initializing():
+        stats_a.value = q.observer.update(stats_a.value, a, None)
+        stats_b.value = q.observer.update(stats_b.value, b, None)
+        union.value = union_range(stats_a.value, stats_b.value)
+    state = union.value
+    batch = union_range(*(obs.MinMax().update(obs.empty_range(), x, None) for x in (a, b)))
+    state = jax.tree.map(lambda s, n: jnp.where(state.initialized, s, n), state, batch)
+    a_q, _ = q.fake_quant(a, state, update=False)
+    b_q, _ = q.fake_quant(b, state, update=False)
+    return a_q + b_q
+
+
+def _integer_mean(x: Array, axes: tuple[int, ...]) -> Array:
+  n = 1
+  for a in axes:
+    n *= x.shape[a]
+  s = jnp.sum(x, axis=axes, dtype=jnp.int32)
+  return jnp.sign(s) * ((jnp.abs(s) + n // 2) // n)  # round half away from zero, in int32
+
+
+def global_avg_pool(x: Array) -> Array:
+  """Mean over the spatial axes of NHWC ``x`` -> (N, C); integer-exact rounding on ints."""
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    return _integer_mean(x, (1, 2))
+  return jnp.mean(x, axis=(1, 2))
