@@ -57,9 +57,20 @@ def apply_quantizer(module: nn.Module, role: str, q: Any, x: Array, channel_axis
   return x_q.astype(x.dtype)
 
 
+def state_from(params: Any, stats: Any, role: str) -> QState:
+  """The state of the quantizer in ``role`` ("input", "kernel") of one layer, from that
+  layer's variable subtrees: ``params`` is ``params/<layer>`` (the quantizer's trainable
+  leaves are stored there as ``<role>_<name>``) and ``stats`` is ``quant_stats/<layer>``
+  (its observed state is ``stats[role]``). Either subtree may be None or lack the role;
+  what the quantizer does not have is None in the result. Pure: no scope, no tracing."""
+  prefix = f"{role}_"
+  own = {k[len(prefix):]: v for k, v in (params or {}).items() if k.startswith(prefix)}
+  observed = stats.get(role) if hasattr(stats, "get") else None
+  return QState(own or None, observed)
+
+
 def quantizer_state(module: nn.Module, role: str, q: Any) -> QState:
   """The stored state of ``q`` in ``role`` (after this call's update), for capabilities
   such as ``AffineGrid.grid``; params and stats it does not have are None."""
-  prefix = f"{role}_"
-  params = {k[len(prefix):]: v for k, v in module.variables.get("params", {}).items() if k.startswith(prefix)}
-  return QState(params or None, stored_stats(module, role))
+  del q  # the state is found by role; the spec does not change where it lives
+  return state_from(module.variables.get("params", {}), module.variables.get(STATS, {}), role)
