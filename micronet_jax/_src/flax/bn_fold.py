@@ -45,12 +45,33 @@ BN_INIT_FLAG = "bn_stats_initialized"  # in quant_stats/<bn>, with init_from_bat
 
 
 def fold_batch_norm(
-    kernel: Array, bias: Array | None, scale: Array, beta: Array, mean: Array, var: Array, eps: float
+    kernel: Array, bias: Array | None, scale: Array, beta: Array, mean: Array, var: Array, eps: float,
+    *, out_axis: int = -1, feeds_sign: bool = False,
 ) -> tuple[Array, Array]:
-  """(W_fold, b_fold) for a kernel whose last axis is the output channel."""
-  inv = scale * jax.lax.rsqrt(var + eps)
+  """(W_fold, b_fold): a BatchNorm folded into the layer whose output it consumes.
+
+  ``kernel``'s output channels lie on ``out_axis``; ``scale``/``beta``/``mean``/``var`` are
+  (C,), ``bias`` (C,) or None. With k = scale / sqrt(var + eps) (flax's multiplier):
+
+  * ``feeds_sign=False``: W k, beta + (b - mean) k (the layer then equals layer + BN);
+  * ``feeds_sign=True`` (the BN's output only reaches a sign, as in a binary network):
+    sign+(k (z - mean) + beta) = sign+(s (z - mean + beta / k)) with s = sign(k), so the
+    kernel is only multiplied by s (a binary kernel stays binary with its own alpha) and
+    the bias becomes s (b - mean + beta / k). Where k = 0 the output is the constant
+    sign+(beta): the kernel channel becomes 0 and the bias beta.
+  """
+  k = scale * jax.lax.rsqrt(var + eps)
   b = jnp.zeros_like(beta) if bias is None else bias
-  return kernel * inv, beta + (b - mean) * inv
+  if feeds_sign:
+    dead = k == 0
+    flip = jnp.where(k < 0, -1.0, 1.0)
+    b_fold = jnp.where(dead, beta, flip * (b - mean + beta / jnp.where(dead, 1.0, k)))
+    k = jnp.where(dead, 0.0, flip)
+  else:
+    b_fold = beta + (b - mean) * k
+  shape = [1] * kernel.ndim
+  shape[out_axis] = -1
+  return kernel * k.reshape(shape), b_fold
 
 
 def batch_moments(z: Array, fast_variance: bool = True) -> tuple[Array, Array]:
