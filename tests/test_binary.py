@@ -19,6 +19,7 @@ from hypothesis.extra import numpy as hnp
 import micronet_jax as mj
 from micronet_jax._src.core import binary as B
 from micronet_jax._src.deploy import binary as D
+from micronet_jax._src.flax import centering as C
 from micronet_jax.app import train as train_lib
 from micronet_jax.models import NIN, NINGC, LeNet
 from micronet_jax._src.flax.stats import model_stats
@@ -207,13 +208,13 @@ def test_one_input_channel_center_clip_is_an_error_naming_the_layer():
   x = jnp.zeros((1, 28, 28, 1))
   qmodel = mj.quantize_model(LeNet(), [mj.QuantRule(weight=mj.BinaryWeight())])
   with pytest.raises(ValueError, match="layer Conv_0: .*1 input channel"):
-    B.center_clip_projection(qmodel, x, train=False)
+    C.center_clip_projection(qmodel, x, train=False)
   with pytest.raises(ValueError, match=r"kernel of shape \(5, 5, 1, 10\) with 1 input channel"):
     qmodel.init(KEY, x, train=False)
   # without centering, or with the preset (first conv float), it is fine
   ok = mj.quantize_model(LeNet(), [mj.QuantRule(weight=mj.BinaryWeight(center_clip=False))])
-  assert B.center_clip_projection(ok, x, train=False) is None
-  layers = B.center_clip_layers(mj.quantize_model(LeNet(), mj.binary_rules(1, 32, layers="all")), x, train=False)
+  assert C.center_clip_projection(ok, x, train=False) is None
+  layers = C.center_clip_layers(mj.quantize_model(LeNet(), mj.binary_rules(1, 32, layers="all")), x, train=False)
   assert layers == {"Conv_1": -2, "Dense_0": -2}
 
 
@@ -230,7 +231,7 @@ def test_train_step_applies_the_projection():
   qmodel = mj.quantize_model(Net(), mj.binary_rules(1, 1, layers="all"))
   v = qmodel.init(KEY, x, train=False)
   v["params"]["Dense_1"]["kernel"] = v["params"]["Dense_1"]["kernel"] * 10 + 3  # far from centered
-  project = B.center_clip_projection(qmodel, x, train=False)
+  project = C.center_clip_projection(qmodel, x, train=False)
   state = train_lib.create_train_state(qmodel.apply, v, optax.adam(0.1), project=project)
   k = state.params["Dense_1"]["kernel"]
   np.testing.assert_allclose(k, B.center_clip(v["params"]["Dense_1"]["kernel"]), rtol=1e-6)
@@ -272,7 +273,7 @@ def random_variables(qmodel, x, seed=0):
     return jnp.asarray(v, s.dtype)
 
   v = jax.tree_util.tree_map_with_path(fill, shapes)
-  project = B.center_clip_projection(qmodel, x, train=False)
+  project = C.center_clip_projection(qmodel, x, train=False)
   return {**v, "params": project(v["params"])} if project else v
 
 
