@@ -49,8 +49,8 @@ def _convert_and_compare(model, x, rules):
 def test_concat_of_branches_with_different_scales():
   deploy, logits_int, logits_fq, codes, captured = _convert_and_compare(ConcatNet(), X, mj.iao_rules(8, 8))
   # the consumer of the concatenation requantizes each half from its own producer's scale
-  assert deploy.layers["c"]["req_m"].shape == (10,)
-  assert len(np.unique(np.asarray(deploy.layers["c"]["req_m"]))) > 1
+  assert deploy.layers["c"].requant.m_hi.shape == (10,)
+  assert len(np.unique(np.asarray(deploy.layers["c"].requant.m_hi))) > 1
   for layer in codes:
     assert int(jnp.abs(codes[layer] - captured[layer]).max()) <= 1, layer
   np.testing.assert_array_equal(jnp.argmax(logits_int, -1), jnp.argmax(logits_fq, -1))
@@ -117,7 +117,7 @@ def test_residual_add_shares_the_union_range_through_the_integer_path():
   # the integer deploy requantizes both inputs to the union's scale and agrees
   deploy = mj.convert(qmodel, v, x[:2])
   scale, zp = mj.AffineActivation(8).qparams(s["input"])
-  assert int(deploy.layers["Add_0"]["in_zp"]) == int(zp)
+  assert int(deploy.layers["Add_0"].grid.zero_point) == int(zp)
   captured = {}
   logits_int = mj.integer_apply(deploy, deploy.quantize_input(x), capture=captured)
   logits_fq = qmodel.apply(v, x, train=False)

@@ -375,6 +375,7 @@ def convert_run(from_run: str, out: str, data_dir: str | None = None, batch_size
   ``jax.export`` of ``integer_apply`` with the arrays baked in (``integer_model.jax``,
   any batch size), ``deploy.json``; reports sizes and fake-quant vs integer accuracy."""
   from micronet_jax._src.deploy.integer import convert, integer_apply
+  from micronet_jax._src.deploy.serialize import export
 
   src, qmodel, variables = load_run(from_run)
   if src.quant != "iao":
@@ -397,11 +398,8 @@ def convert_run(from_run: str, out: str, data_dir: str | None = None, batch_size
   n = len(dataset.x_test)
 
   os.makedirs(out, exist_ok=True)
-  flat = {f"{path}/{k}": np.asarray(v) for path, layer in deploy.layers.items() for k, v in layer.items()}
-  np.savez(os.path.join(out, "deploy.npz"), out_scale=np.asarray(deploy.out_scale), **flat)
-  batch, = jax.export.symbolic_shape("batch")
-  exported = jax.export.export(int_fn)(jax.ShapeDtypeStruct((batch, *dataset.x_test.shape[1:]), jnp.uint8
-                                                            if deploy.input_range[0] >= 0 else jnp.int8))
+  np.savez(os.path.join(out, "deploy.npz"), **deploy.flat_arrays())
+  exported = export(deploy, dataset.x_test.shape[1:])
   with open(os.path.join(out, ARTIFACT_FILE), "wb") as f:
     f.write(exported.serialize())
   float_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"]))
