@@ -158,3 +158,52 @@ def test_layers_round_the_bias_on_a_user_affine_grid():
   bq = jnp.round(v["params"]["bias"] / (s_in * s_w)) * (s_in * s_w)
   np.testing.assert_allclose(out, xq @ kq + bq, rtol=1e-6, atol=1e-6)
   assert not np.allclose(bq, v["params"]["bias"])  # the rounding is visible at this scale
+
+
+def test_user_affine_quantizer_trains_and_converts_to_integers():
+  """The integer converter asks for the AffineGrid capability, not for the library's own
+  classes: a model whose weights use PowerOfTwoWeight trains, calibrates, converts, and
+  its integer forward agrees with the fake-quant one."""
+  qmodel = mj.quantize_model(Mlp(), [mj.QuantRule(weight=PowerOfTwoWeight(), act=mj.AffineActivation(8))])
+  v = mj.quantize_variables(qmodel, Mlp().init(KEY, X), X)
+  tx = optax.adam(1e-2)
+
+  @jax.jit
+  def step(p, stats, o):
+    def loss(p):
+      logits, upd = qmodel.apply({"params": p, "quant_stats": stats}, X, mutable=["quant_stats"])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, Y).mean(), upd["quant_stats"]
+
+    (_, stats), g = jax.value_and_grad(loss, has_aux=True)(p)
+    u, o = tx.update(g, o, p)
+    return optax.apply_updates(p, u), stats, o
+
+  p, stats, opt = v["params"], v["quant_stats"], tx.init(v["params"])
+  for _ in range(5):
+    p, stats, opt = step(p, stats, opt)
+  v = mj.calibrate(qmodel, {"params": p, "quant_stats": stats}, [X[:8], X[8:]])
+  d = mj.convert(qmodel, v, X[:1])
+  assert isinstance(d.layers["hidden"], mj.IntDense) and d.layers["hidden"].w.dtype == jnp.int8
+  logits_fq = qmodel.apply(v, X)
+  logits_int = mj.integer_apply(d, d.quantize_input(X))
+  np.testing.assert_array_equal(jnp.argmax(logits_int, -1), jnp.argmax(logits_fq, -1))
+  np.testing.assert_allclose(logits_int, logits_fq, atol=0.02 * float(jnp.abs(logits_fq).max()))
+
+
+@dataclasses.dataclass(frozen=True)
+class OffsetWeight(PowerOfTwoWeight):
+  """An affine weight grid with a nonzero zero point: integer kernels cannot hold it."""
+
+  def grid(self, x, qstate, channel_axis):
+    scale, zp = super().grid(x, qstate, channel_axis)
+    return scale, zp + 3
+
+
+def test_converter_names_what_an_affine_user_quantizer_lacks():
+  import pytest
+
+  for q, message in ((OffsetWeight(), "zero point 0"), (LearnedStep(), "AffineGrid")):
+    qmodel = mj.quantize_model(Mlp(), [mj.QuantRule(weight=q, act=mj.AffineActivation(8))])
+    v = mj.calibrate(qmodel, mj.quantize_variables(qmodel, Mlp().init(KEY, X), X), [X])
+    with pytest.raises(ValueError, match=message):
+      mj.convert(qmodel, v, X[:1])
