@@ -19,6 +19,17 @@ MODELS = {
 }
 
 
+def knobs(name: str) -> tuple[str, ...]:
+  """The constructor fields of model ``name`` an application may set (its ``KNOBS``).
+
+  Each model declares them, so that a recipe (``micronet_jax.app.recipes``) asks the model
+  instead of knowing the zoo; a factory (``resnet18``, ...) declares none.
+  """
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+  return tuple(getattr(MODELS[name], "KNOBS", ()))
+
+
 def get_model(name: str, num_classes: int = 10, **kwargs):
   """A model by name; ``kwargs`` go to its constructor (e.g. ``cfg=...`` for nin)."""
   if name not in MODELS:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -17,6 +17,10 @@ class LeNet(nn.Module):
   networks set it to the identity so that the next layer's sign sees the pre-activation.
   Input (N, 28, 28, 1); output logits (N, num_classes).
   """
+
+  # The fields an application may set (``micronet_jax.app.recipes``): widths, the
+  # activation (binary nets: the identity) and the dropout (binary inputs: none).
+  KNOBS: ClassVar[tuple[str, ...]] = ("cfg", "act", "dropout_rate")
 
   num_classes: int = 10
   cfg: tuple[int, int, int] = (10, 20, 50)

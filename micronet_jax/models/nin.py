@@ -8,7 +8,7 @@ PyTorch's defaults (momentum 0.1, i.e. Flax momentum 0.9; eps 1e-5).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -68,6 +68,9 @@ class NIN(nn.Module):
   ``act`` replaces the ReLU of blocks 0..7 (those micronet binarises; the logits block
   keeps its ReLU): binary networks set it to the identity."""
 
+  # The fields an application may set (``micronet_jax.app.recipes``): widths, activation.
+  KNOBS: ClassVar[tuple[str, ...]] = ("cfg", "act")
+
   num_classes: int = 10
   cfg: Sequence[int] = NIN_CFG
   act: Callable = nn.relu
@@ -91,6 +94,8 @@ class NINGC(nn.Module):
   """NIN with group convolutions and channel shuffles (micronet's ``nin_gc``); max-pools
   are k2 s2. Every width in ``cfg`` must be divisible by its conv's groups and by the
   next conv's groups (see ``NIN_GC_LAYOUT``). ``act`` as in ``NIN``."""
+
+  KNOBS: ClassVar[tuple[str, ...]] = ("cfg", "act")  # as NIN's
 
   num_classes: int = 10
   cfg: Sequence[int] = NIN_GC_CFG

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -48,6 +48,9 @@ def _shortcut(x: jax.Array, features: int, strides: int, train: bool) -> jax.Arr
 class ResNet(nn.Module):
   """CIFAR ResNet: conv3x3 64 -> BN -> ReLU -> 4 stages (strides 1/2/2/2) -> global
   average pool -> dense. ``widths`` are the stage widths (before expansion)."""
+
+  # No field an application may set: the factories (resnet18, ...) fix the architecture.
+  KNOBS: ClassVar[tuple[str, ...]] = ()
 
   block: type = BasicBlock
   stages: Sequence[int] = (2, 2, 2, 2)
