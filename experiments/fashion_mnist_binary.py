@@ -4,31 +4,26 @@
     python experiments/fashion_mnist_binary.py --nets lenet --lenet-epochs 1
 
 For each network: float, binary weights (A32), ternary weights (A32), binary weights with
-binary activations (W1A1) and ternary weights with binary activations (W2A1), each a
-``micronet-jax train`` run with the same seed, optimizer and batch, one after another;
-the quantized runs start from the float run's weights unless ``--scratch``.
-Every quantized run is then deployed (BN -> bias fusion, 1-/2-bit packing) and the
-packed model is evaluated on the test set (W1A1 also through the XNOR/popcount path), so
-the table shows that the deploy artifact computes what the fake-quant model computes.
+binary activations (W1A1) and ternary weights with binary activations (W2A1): a list of
+``TrainConfig``s run through the train pipeline with the same seed, optimizer and batch,
+one after another; the quantized runs start from the float run's weights unless
+``--scratch``. Every quantized run is then converted (``ConvertConfig``: BN -> bias
+fusion, 1-/2-bit packing) and the packed model is evaluated on the test set (W1A1 also
+through the XNOR/popcount path), so the table shows that the deploy artifact computes
+what the fake-quant model computes.
 Writes ``RESULTS_DIR/fashion_mnist_binary.md`` and ``.json`` and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-import jax
-import numpy as np
-
-from micronet_jax._src.deploy import binary as binary_deploy
-
-from micronet_jax.app import data as data_lib
-from micronet_jax.app.experiment import TrainConfig, load_run, read_config, run
+from micronet_jax.app.config import ConvertConfig, TrainConfig
 from micronet_jax.app.train import package_versions
 from report import write_report
+from steps import run_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROWS = {  # name: (quant, w_bits, a_bits)
@@ -42,41 +37,6 @@ ROWS = {  # name: (quant, w_bits, a_bits)
 # grouped convolutions are ~20x slower per MAC than plain ones: 9 s per batch-128 step at
 # 1/8 width on this 2-core machine, against 0.4 s for this NIN.)
 NIN_CFG = (32, 32, 32, 64, 64, 64, 96, 96)
-
-
-def command(cfg: TrainConfig) -> str:
-  parts = [f"micronet-jax train --model {cfg.model}"]
-  if cfg.model_cfg is not None:
-    parts.append("--cfg " + " ".join(map(str, cfg.model_cfg)))
-  parts.append(f"--dataset {cfg.dataset} --quant {cfg.quant}")
-  if cfg.quant != "float":
-    parts.append(f"--w-bits {cfg.w_bits} --a-bits {cfg.a_bits}")
-  if cfg.limit_train is not None:
-    parts.append(f"--limit-train {cfg.limit_train}")
-  if cfg.from_run is not None:
-    parts.append(f"--from {cfg.from_run}")
-  parts.append(f"--epochs {cfg.epochs} --batch-size {cfg.batch_size} --lr {cfg.lr} --lr-schedule {cfg.lr_schedule} "
-               f"--seed {cfg.seed} --out {cfg.out}")
-  return " ".join(parts)
-
-
-def packed_accuracy(run_dir: str, dataset: data_lib.Dataset, xnor: bool, batch: int = 500) -> tuple[float, float, int]:
-  """(accuracy of the packed deploy model, fraction of its predictions equal to the
-  fake-quant model's, deploy bytes)."""
-  config, net, variables = load_run(run_dir)
-  x0 = config.example_input()
-  fused, packed = binary_deploy.deploy_binary(net, variables, x0, train=False)
-  fake = jax.jit(lambda v, x: net.apply(v, x, train=False))
-  dep = jax.jit(lambda v, x: fused.apply(v, x, train=False, xnor=xnor))
-  correct = agree = 0
-  for i in range(0, len(dataset.x_test), batch):
-    x, y = dataset.x_test[i:i + batch], dataset.y_test[i:i + batch]
-    p_dep = np.argmax(np.asarray(dep(packed, x)), -1)
-    p_fake = np.argmax(np.asarray(fake(variables, x)), -1)
-    correct += int(np.sum(p_dep == y))
-    agree += int(np.sum(p_dep == p_fake))
-  n = len(dataset.x_test)
-  return correct / n, agree / n, binary_deploy.deploy_bytes(packed)
 
 
 def table(results: dict[str, dict]) -> str:
@@ -124,7 +84,6 @@ def main() -> int:
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args()
 
-  dataset = data_lib.load("fashion_mnist", args.data_dir)
   results, commands = {}, []
   for net in args.nets:
     float_dir = os.path.join(args.runs_dir, f"{net}-float")
@@ -140,21 +99,14 @@ def main() -> int:
           batch_size=128, lr=args.lr, lr_schedule=args.lr_schedule, seed=args.seed,
           from_run=None if quant == "float" or args.scratch else float_dir,
           out=os.path.join(args.runs_dir, f"{net}-{name}"))
-      commands.append(command(cfg))
-      metrics_file = os.path.join(cfg.out, "metrics.json")
-      if args.reuse and os.path.exists(metrics_file) and read_config(cfg.out) == cfg:
-        print(f"\n=== {net} {name}: reusing {cfg.out} (made by: {commands[-1]})", flush=True)
-        with open(metrics_file) as f:
-          m = json.load(f)
-      else:
-        print(f"\n=== {net} {name}: {commands[-1]}", flush=True)
-        m = run(cfg, progress=not args.no_progress)
-      if quant != "float":
-        acc, agree, nbytes = packed_accuracy(cfg.out, dataset, xnor=False)
-        m["deploy"] = {"accuracy": acc, "agreement": agree, "bytes": nbytes, "xnor_accuracy": None}
-        if quant == "binary" and a == 1:
-          m["deploy"]["xnor_accuracy"] = packed_accuracy(cfg.out, dataset, xnor=True)[0]
-        print(f"packed deploy: {nbytes:,} bytes, accuracy {100 * acc:.2f}%, agreement {100 * agree:.2f}%", flush=True)
+      cmd, m = run_step(f"{net} {name}", cfg, reuse=args.reuse, progress=not args.no_progress)
+      commands.append(cmd)
+      if quant != "float":  # the packed deploy, rebuilt and evaluated every time
+        cmd, dep = run_step(f"{net} {name} packed deploy", ConvertConfig(cfg.out, os.path.join(cfg.out, "packed"),
+                                                                         args.data_dir))
+        commands.append(cmd)
+        m["deploy"] = {"accuracy": dep["deploy_test_accuracy"], "agreement": dep["prediction_agreement"],
+                       "bytes": dep["deploy_bytes"], "xnor_accuracy": dep["xnor_test_accuracy"]}
       results[f"{net}:{name}"] = m
 
   text = table(results)
@@ -187,7 +139,7 @@ def main() -> int:
           "choice, NIN-GC, is not used: XLA's CPU grouped convolutions are about 20x slower per MAC than plain ones.",
           "Size as micronet's table: parameters (BatchNorm included), MB = 10^6 bytes with binary kernels at 1 bit, "
           "ternary at 2 bits and everything else at 32 bits, compression = 1 - size / float size. "
-          "\"packed deploy\" is the real artifact after BN -> bias fusion (`binary_deploy.deploy_binary`): packed kernels, "
+          "\"packed deploy\" is the real artifact after BN -> bias fusion (`micronet-jax convert`, `mj.deploy_binary`): packed kernels, "
           "one float32 alpha per output channel, float first/last layers and biases; BatchNorms are gone. "
           "\"packed acc\" evaluates that artifact (kernels unpacked on the fly) and says how many test predictions "
           "equal the fake-quant model's; \"XNOR acc\" runs every W1A1 layer by XNOR/popcount.",

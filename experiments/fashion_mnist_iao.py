@@ -5,21 +5,24 @@ PTQ -> QAFT, and the integer-only accuracy of every quantized model.
         --nin-float runs/fashion_mnist_prune/float
 
 Starts from float runs made by the other two experiments (LeNet: fashion_mnist_qat.py;
-NIN/4, a conv+BN network: fashion_mnist_prune.py). Every step is a ``micronet-jax``
-command, run one after another; the table (fake-quant and integer test accuracy,
+NIN/4, a conv+BN network: fashion_mnist_prune.py). The steps are a list of configs
+(train, ptq and convert), run one after another through the pipelines; a step that
+starts from the run of an earlier one gets its config when it runs. The table (fake-quant and integer test accuracy,
 prediction agreement) goes to ``RESULTS_DIR/fashion_mnist_iao.md`` with the commands.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import shlex
 import sys
 
-from micronet_jax.app import cli
+from micronet_jax.app import runs
+from micronet_jax.app.config import ConvertConfig, PtqConfig
 from report import write_report
+from steps import run_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("minmax", "moving_average", "percentile", "mse")
@@ -38,32 +41,26 @@ def main() -> int:
   p.add_argument("--results-dir", default=os.path.join(HERE, "results"))
   args = p.parse_args()
   d = args.runs_dir
-  steps: list[tuple[str, str, str]] = []  # (row label, run dir, command)
+  steps: list[tuple[str, str, object]] = []  # (row label, run dir, () -> config; None: the float start)
   for net, src in (("LeNet", args.lenet_float), ("NIN/4", args.nin_float)):
     tag = net.lower().replace("/", "")
-    steps.append((f"{net} float", src, ""))
+    steps.append((f"{net} float", src, None))
     steps.append((f"{net} QAT IAO W8A8, BN folded, from float ({args.qat_epochs} ep, lr 1e-4)", f"{d}/{tag}-qat",
-                  f"train --from {src} --quant iao --fold-bn --epochs {args.qat_epochs} --lr 1e-4 "
-                  f"--no-progress --out {d}/{tag}-qat"))
+                  functools.partial(runs.train_config, src, quant="iao", fold_bn=True, epochs=args.qat_epochs,
+                                    lr=1e-4, out=f"{d}/{tag}-qat")))
     for m in METHODS:
       steps.append((f"{net} PTQ W8A8 {m}", f"{d}/{tag}-ptq-{m}",
-                    f"ptq --from {src} --method {m} --batches 200 --batch-size 32 --no-progress "
-                    f"--out {d}/{tag}-ptq-{m}"))
+                    functools.partial(PtqConfig, src, f"{d}/{tag}-ptq-{m}", method=m, batches=200, batch_size=32)))
     steps.append((f"{net} PTQ percentile -> QAFT ({args.qaft_epochs} ep, lr 1e-5)", f"{d}/{tag}-qaft",
-                  f"train --from {d}/{tag}-ptq-percentile --quant iao --qaft --epochs {args.qaft_epochs} "
-                  f"--no-progress --out {d}/{tag}-qaft"))
+                  functools.partial(runs.train_config, f"{d}/{tag}-ptq-percentile", quant="iao", qaft=True,
+                                    epochs=args.qaft_epochs, out=f"{d}/{tag}-qaft")))
   commands = []
-  for label, run_dir, c in steps:
-    if not c:  # the float starting point
+  for label, run_dir, make_config in steps:
+    if make_config is None:  # the float starting point
       continue
-    for command in (c, f"convert --from {run_dir} --out {run_dir}/int8"):
-      commands.append(f"micronet-jax {command}")
-      if command is c and args.reuse and os.path.exists(os.path.join(run_dir, "metrics.json")):
-        print(f"\n=== {label}: reusing {run_dir}", flush=True)
-        continue
-      print(f"\n=== {label}: micronet-jax {command}", flush=True)
-      if cli.main(shlex.split(command)):
-        return 1
+    for name, config in ((label, make_config()), (f"{label}: convert", ConvertConfig(run_dir, f"{run_dir}/int8"))):
+      cmd, _ = run_step(name, config, reuse=args.reuse and not isinstance(config, ConvertConfig))
+      commands.append(cmd)
 
   lines = ["| model | fake-quant test acc | integer-only test acc | same prediction | vs float (fake-quant) |",
            "|---|---|---|---|---|"]
@@ -77,7 +74,7 @@ def main() -> int:
       continue
     with open(os.path.join(run_dir, "int8", "deploy.json")) as f:
       dep = json.load(f)
-    lines.append(f"| {label} | {100 * dep['fake_quant_test_accuracy']:.2f}% | {100 * dep['integer_test_accuracy']:.2f}% | "
+    lines.append(f"| {label} | {100 * dep['fake_quant_test_accuracy']:.2f}% | {100 * dep['deploy_test_accuracy']:.2f}% | "
                  f"{100 * dep['prediction_agreement']:.2f}% | {100 * (dep['fake_quant_test_accuracy'] - base):+.2f} |")
   table = "\n".join(lines)
   print("\n" + table)

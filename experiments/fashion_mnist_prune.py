@@ -4,8 +4,9 @@
     python experiments/fashion_mnist_prune.py --epochs 1 --finetune-epochs 1 --qat-epochs 1
 
 The network is micronet's NIN at a quarter of its width (cfg 48,40,24,48,48,48,48,48)
-so that it trains on 2 CPU cores in minutes. Every step is a ``micronet-jax`` command,
-run one after another; the table (params, MMACs, MB at the stored bit widths,
+so that it trains on 2 CPU cores in minutes. The steps are a list of configs run one
+after another through the pipelines (a step that starts from an earlier one's run gets
+its config when it runs); the report shows each one's ``micronet-jax`` command. The table (params, MMACs, MB at the stored bit widths,
 compression against the float network, test accuracy) goes to
 ``RESULTS_DIR/fashion_mnist_prune.md`` with the commands, seed and versions.
 """
@@ -13,16 +14,17 @@ compression against the float network, test accuracy) goes to
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
-import shlex
 import sys
 
-from micronet_jax.app import cli
+from micronet_jax.app import runs
+from micronet_jax.app.config import PruneConfig, TrainConfig
 from report import write_report
+from steps import run_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CFG = "48 40 24 48 48 48 48 48"
+CFG = (48, 40, 24, 48, 48, 48, 48, 48)
 
 
 def main() -> int:
@@ -41,32 +43,23 @@ def main() -> int:
   args = p.parse_args()
 
   d = args.runs_dir
-  common = f"--seed {args.seed} --batch-size 128 --no-progress"
-  commands = {
-      "float": f"train --model nin --cfg {CFG} --quant float --epochs {args.epochs} --lr 1e-3 {common} --out {d}/float",
-      "sparse": f"train --model nin --cfg {CFG} --quant float --epochs {args.epochs} --lr 1e-3 "
-                f"--sparsity {args.sparsity} {common} --out {d}/sparse",
-      "pruned": f"prune --from {d}/sparse --percent {args.percent} --out {d}/pruned",
-      "finetuned": f"train --from {d}/pruned --quant float --epochs {args.finetune_epochs} --lr 1e-3 {common} "
-                   f"--out {d}/finetuned",
-      "pruned+iao": f"train --from {d}/finetuned --quant iao --w-bits 8 --a-bits 8 --epochs {args.qat_epochs} "
-                    f"--lr 1e-4 {common} --out {d}/pruned-iao-w8a8",
+  common = dict(seed=args.seed, batch_size=128)
+  steps = {  # name: () -> config, called when the step runs (after the run it starts from exists)
+      "float": lambda: TrainConfig(model="nin", model_cfg=CFG, quant="float", epochs=args.epochs, lr=1e-3,
+                                   out=f"{d}/float", **common),
+      "sparse": lambda: TrainConfig(model="nin", model_cfg=CFG, quant="float", epochs=args.epochs, lr=1e-3,
+                                    sparsity=args.sparsity, out=f"{d}/sparse", **common),
+      "pruned": lambda: PruneConfig(f"{d}/sparse", f"{d}/pruned", percent=args.percent),
+      "finetuned": functools.partial(runs.train_config, f"{d}/pruned", quant="float", epochs=args.finetune_epochs,
+                                     lr=1e-3, out=f"{d}/finetuned", **common),
+      "pruned-iao-w8a8": functools.partial(runs.train_config, f"{d}/finetuned", quant="iao", w_bits=8, a_bits=8,
+                                           epochs=args.qat_epochs, lr=1e-4, out=f"{d}/pruned-iao-w8a8", **common),
   }
-  for name, c in commands.items():
-    run_dir = c.rsplit("--out ", 1)[1].split()[0]
-    if args.reuse and os.path.exists(os.path.join(run_dir, "metrics.json")):
-      print(f"\n=== {name}: reusing {run_dir} (made by: micronet-jax {c})", flush=True)
-      continue
-    print(f"\n=== {name}: micronet-jax {c}", flush=True)
-    rc = cli.main(shlex.split(c))
-    if rc:
-      return rc
+  m, commands = {}, []
+  for name, make_config in steps.items():
+    cmd, m[name] = run_step(name, make_config(), reuse=args.reuse)
+    commands.append(cmd)
 
-  def metrics(name):
-    with open(os.path.join(d, name, "metrics.json")) as f:
-      return json.load(f)
-
-  m = {name: metrics(name) for name in ("float", "sparse", "pruned", "finetuned", "pruned-iao-w8a8")}
   base = m["float"]["model_stats"]
   rows = [
       ("float NIN/4", "32/32", m["float"]["model_stats"], m["float"]["test_accuracy"]),
@@ -94,7 +87,7 @@ def main() -> int:
       args.results_dir, "fashion_mnist_prune", title="Network slimming of NIN/4 on Fashion-MNIST",
       intro="Produced by `python experiments/fashion_mnist_prune.py " + " ".join(sys.argv[1:])
       + "`, which runs, one after another:",
-      commands=[f"micronet-jax {c}" for c in commands.values()],
+      commands=commands,
       paragraphs=[
           f"Seed {args.seed}; Adam, batch 128; test accuracy on the 10,000 test images after the last epoch. "
           "Size counts quantized kernels at their weight bits and everything else at 32 bits "

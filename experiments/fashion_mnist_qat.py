@@ -3,8 +3,9 @@
     python experiments/fashion_mnist_qat.py                 # the full table (8 epochs each)
     python experiments/fashion_mnist_qat.py --epochs 1 --runs float iao-w8a8
 
-Each run is ``micronet-jax train`` with the same seed, optimizer (Adam 1e-3) and batch
-(128); the runs go one after another so that their timings are comparable. Writes
+The runs are a list of ``TrainConfig``s through the train pipeline (the report shows
+each one's ``micronet-jax train`` command), with the same seed, optimizer (Adam 1e-3)
+and batch (128); the runs go one after another so that their timings are comparable. Writes
 ``RESULTS_DIR/fashion_mnist_qat.md`` (the table, the commands, seed and versions) and
 ``RESULTS_DIR/fashion_mnist_qat.json``, and prints the table.
 """
@@ -15,8 +16,9 @@ import argparse
 import os
 import sys
 
-from micronet_jax.app.experiment import TrainConfig, run
+from micronet_jax.app.config import TrainConfig
 from report import write_report
+from steps import run_step
 
 RUNS = {
     "float": dict(quant="float"),
@@ -28,14 +30,6 @@ RUNS = {
     "dorefa-w16a16": dict(quant="dorefa", w_bits=16, a_bits=16),
 }
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def command(cfg: TrainConfig) -> str:
-  parts = [f"micronet-jax train --model {cfg.model} --dataset {cfg.dataset} --quant {cfg.quant}"]
-  if cfg.quant != "float":
-    parts.append(f"--w-bits {cfg.w_bits} --a-bits {cfg.a_bits}")
-  parts.append(f"--epochs {cfg.epochs} --batch-size {cfg.batch_size} --lr {cfg.lr} --seed {cfg.seed} --out {cfg.out}")
-  return " ".join(parts)
 
 
 def table(results: dict[str, dict]) -> str:
@@ -63,13 +57,14 @@ def main() -> int:
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args()
 
+  configs = {name: TrainConfig(model="lenet", dataset="fashion_mnist", data_dir=args.data_dir, epochs=args.epochs,
+                                batch_size=128, lr=1e-3, seed=args.seed, out=os.path.join(args.runs_dir, name),
+                                **RUNS[name])
+             for name in args.runs}
   results, commands = {}, []
-  for name in args.runs:
-    cfg = TrainConfig(model="lenet", dataset="fashion_mnist", data_dir=args.data_dir, epochs=args.epochs,
-                      batch_size=128, lr=1e-3, seed=args.seed, out=os.path.join(args.runs_dir, name), **RUNS[name])
-    commands.append(command(cfg))
-    print(f"\n=== {name}: {commands[-1]}", flush=True)
-    results[name] = run(cfg, progress=not args.no_progress)
+  for name, cfg in configs.items():
+    cmd, results[name] = run_step(name, cfg, progress=not args.no_progress)
+    commands.append(cmd)
 
   text = table(results)
   print("\n" + text)

@@ -184,7 +184,8 @@ def test_act_field_keeps_default_models_unchanged():
 
 def test_binary_activation_lenet_is_built_without_dropout():
   """sign(0) = +1 would turn each dropped unit into +1; A32 and float keep the dropout."""
-  from micronet_jax.app.experiment import TrainConfig, build
+  from micronet_jax.app.config import TrainConfig
+  from micronet_jax.app.recipes import build
 
   rates = {}
   for quant, a in (("float", 32), ("binary", 1), ("ternary", 1), ("binary", 32)):

@@ -18,7 +18,9 @@ from micronet_jax import models
 
 from micronet_jax.app import cli
 
-from micronet_jax.app import experiment
+from micronet_jax.app import pipelines, recipes, runs
+from micronet_jax.app.config import PruneConfig, TrainConfig
+from micronet_jax.app.errors import ConfigError
 from micronet_jax._src.prune import slimming as P
 from micronet_jax.models import nin as nin_lib
 from conftest import make_idx_dir
@@ -441,18 +443,18 @@ def test_prune_rejects_unsupported_models():
 # ----------------------------------------------------------------------------- run directories
 
 
-def write_fake_run(out, model="nin", quant="float", model_cfg=NIN_SMALL, seed=0) -> experiment.TrainConfig:
+def write_fake_run(out, model="nin", quant="float", model_cfg=NIN_SMALL, seed=0) -> TrainConfig:
   """A run directory with random variables (no training)."""
-  config = experiment.TrainConfig(model=model, model_cfg=model_cfg, quant=quant, epochs=1,
-                                  eval_batch_size=8, out=str(out))
-  float_model, net = experiment.build(config)
+  config = TrainConfig(model=model, model_cfg=model_cfg, quant=quant, epochs=1,
+                       eval_batch_size=8, out=str(out))
+  float_model, net = recipes.build(config)
   x0 = config.example_input()
   if model == "nin" and quant == "float":
     variables = random_variables(float_model, seed)
   else:
     like = jax.eval_shape(lambda: net.init(jax.random.key(0), x0, train=False))
     variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), like)
-  experiment.write_run(str(out), config, variables, {"label": config.label})
+  runs.write_run(str(out), config, variables, {"label": config.label})
   return config
 
 
@@ -461,12 +463,12 @@ def test_prune_run_writes_a_reloadable_smaller_run(tmp_path):
   make_idx_dir(data_dir, n_train=12, n_test=10)
   write_fake_run(src)
   lines = []
-  metrics = experiment.prune_run(str(src), str(out), 0.5, regular=1, compensate_beta=True,
-                                 data_dir=str(data_dir), log=lines.append)
+  metrics = pipelines.prune(PruneConfig(str(src), str(out), 0.5, regular=1, compensate_beta=True,
+                                        data_dir=str(data_dir)), log=lines.append).to_json()
 
-  _, model, variables = experiment.load_run(str(src))
+  _, model, variables = runs.load_run(str(src))
   new_model, new_vars, plan = P.prune(model, variables, 0.5, 1, compensate_beta=True)
-  config, net, loaded = experiment.load_run(str(out))
+  config, net, loaded = runs.load_run(str(out))
   assert config.model == "nin" and config.quant == "float"
   assert config.model_cfg == plan.cfg == new_model.cfg and net.cfg == plan.cfg
   assert config.from_run == str(src) and config.sparsity == 0.0 and config.out == str(out)
@@ -484,15 +486,15 @@ def test_prune_run_writes_a_reloadable_smaller_run(tmp_path):
 
 def test_prune_run_rejects_quantized_runs(tmp_path):
   write_fake_run(tmp_path / "iao", quant="iao")
-  with pytest.raises(experiment.ConfigError, match="float"):
-    experiment.prune_run(str(tmp_path / "iao"), str(tmp_path / "out"), 0.5, log=lambda _: None)
+  with pytest.raises(ConfigError, match="float"):
+    pipelines.prune(PruneConfig(str(tmp_path / "iao"), str(tmp_path / "out"), 0.5), log=lambda _: None)
   assert not (tmp_path / "out").exists()
 
 
 def test_prune_run_rejects_lenet(tmp_path):
   write_fake_run(tmp_path / "lenet", model="lenet", model_cfg=None)
-  with pytest.raises(experiment.ConfigError, match="NIN"):
-    experiment.prune_run(str(tmp_path / "lenet"), str(tmp_path / "out"), 0.5, log=lambda _: None)
+  with pytest.raises(ConfigError, match="NIN"):
+    pipelines.prune(PruneConfig(str(tmp_path / "lenet"), str(tmp_path / "out"), 0.5), log=lambda _: None)
   assert not (tmp_path / "out").exists()
 
 

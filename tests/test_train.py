@@ -1,5 +1,5 @@
 """micronet_jax.app.train: the optimizer, the jitted steps, model state, checkpoints, and a
-short real-data run through micronet_jax.app.experiment."""
+short real-data run through micronet_jax.app.pipelines."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from jax import monitoring
 
 from micronet_jax import iao_rules, quantize_model, quantize_variables
 
-from micronet_jax.app import experiment
+from micronet_jax.app import config as config_lib
+from micronet_jax.app import pipelines, recipes
 
 from micronet_jax.app import train
 from micronet_jax.models import LeNet
@@ -125,9 +126,9 @@ def test_make_optimizer_without_decay_is_adam_and_takes_schedules():
 
 
 def test_learning_rate_constant_and_cosine():
-  const = experiment.TrainConfig(lr=0.01)
-  assert experiment.learning_rate(const, 100) == 0.01
-  sched = experiment.learning_rate(experiment.TrainConfig(lr=0.01, lr_schedule="cosine"), 100)
+  const = config_lib.TrainConfig(lr=0.01)
+  assert recipes.learning_rate(const, 100) == 0.01
+  sched = recipes.learning_rate(config_lib.TrainConfig(lr=0.01, lr_schedule="cosine"), 100)
   # 0.01 * (1 + cos(pi t / 100)) / 2
   np.testing.assert_allclose([float(sched(t)) for t in (0, 25, 50, 100, 150)],
                              [0.01, 0.01 * (1 + np.cos(np.pi / 4)) / 2, 0.005, 0.0, 0.0], rtol=1e-6, atol=1e-9)
@@ -137,8 +138,8 @@ def test_cosine_schedule_reaches_the_optimizer():
   """The update of step t is Adam's direction times lr(t): the last step barely moves."""
   rng = np.random.default_rng(5)
   p, g = _tree(rng), _tree(rng)
-  config = experiment.TrainConfig(lr=0.01, lr_schedule="cosine")
-  tx, ref = train.make_optimizer(experiment.learning_rate(config, 4)), optax.adam(0.01)
+  config = config_lib.TrainConfig(lr=0.01, lr_schedule="cosine")
+  tx, ref = train.make_optimizer(recipes.learning_rate(config, 4)), optax.adam(0.01)
   s, r = tx.init(p), ref.init(p)
   for t in range(4):
     u, s = tx.update(g, s, p)
@@ -148,16 +149,16 @@ def test_cosine_schedule_reaches_the_optimizer():
 
 
 def test_method_defaults():
-  assert experiment.method_defaults("iao") == (8, 8, 1e-3)
-  assert experiment.method_defaults("float") == (8, 8, 1e-3)  # bits unused for float
-  assert experiment.method_defaults("binary") == (1, 1, 1e-2)
-  assert experiment.method_defaults("ternary") == (2, 1, 1e-2)
-  assert experiment.method_defaults("iao", qaft=True) == (8, 8, 1e-5)
+  assert config_lib.method_defaults("iao") == (8, 8, 1e-3)
+  assert config_lib.method_defaults("float") == (8, 8, 1e-3)  # bits unused for float
+  assert config_lib.method_defaults("binary") == (1, 1, 1e-2)
+  assert config_lib.method_defaults("ternary") == (2, 1, 1e-2)
+  assert config_lib.method_defaults("iao", qaft=True) == (8, 8, 1e-5)
 
 
 def test_unknown_lr_schedule_is_a_config_error():
-  with pytest.raises(experiment.ConfigError, match="unknown lr schedule 'linear'"):
-    experiment.TrainConfig(lr_schedule="linear")
+  with pytest.raises(config_lib.ConfigError, match="unknown lr schedule 'linear'"):
+    config_lib.TrainConfig(lr_schedule="linear")
 
 
 # ----------------------------------------------------------------------------- steps
@@ -389,20 +390,20 @@ def test_float_checkpoint_of_other_lenet_is_rejected(tmp_path, qmodel, batches):
 def test_short_real_run_learns(tmp_path, fashion_mnist_small):
   out = tmp_path / "run"
   lines = []
-  config = experiment.TrainConfig(
+  config = config_lib.TrainConfig(
       quant="iao", w_bits=8, a_bits=8, epochs=1, limit_train=300 * 128, limit_test=1000, out=str(out),
       data_dir=fashion_mnist_small.source,
   )
-  metrics = experiment.run(config, progress=False, log=lines.append)
-  assert metrics["test_accuracy"] > 0.75, metrics["history"]
-  assert metrics["best_test_accuracy"] == metrics["test_accuracy"]
+  metrics = pipelines.train(config, progress=False, log=lines.append)
+  assert metrics.test_accuracy > 0.75, metrics.history
+  assert metrics.best_test_accuracy == metrics.test_accuracy
   assert any("4 of 4 layers quantized" in line for line in lines)
 
   with open(out / "metrics.json") as f:
     written = json.load(f)
   for key in ("test_accuracy", "best_test_accuracy", "epochs", "seconds_per_epoch", "config", "versions"):
     assert key in written, key
-  assert written["test_accuracy"] == metrics["test_accuracy"]
+  assert written == metrics.to_json()
   assert written["epochs"] == 1 and written["seconds_per_epoch"] > 0
   assert written["config"]["quant"] == "iao" and written["config"]["limit_train"] == 38400
   assert written["versions"]["jax"] == jax.__version__
@@ -412,10 +413,10 @@ def test_short_real_run_learns(tmp_path, fashion_mnist_small):
   assert os.path.isdir(out / train.CHECKPOINT_DIR)
 
   # The checkpoint holds the trained QAT model: it scores the reported accuracy again.
-  _, net = experiment.build(config)
+  _, net = recipes.build(config)
   x0 = fashion_mnist_small.x_train[:1]
   restored = train.load_checkpoint(str(out), jax.eval_shape(lambda: net.init(jax.random.key(0), x0, train=False)))
   assert all(bool(r.initialized) for r in observer_states(restored).values())
   state = train.create_train_state(net.apply, restored, train.make_optimizer())
   again = train.evaluate(state, fashion_mnist_small.x_test, fashion_mnist_small.y_test)
-  assert again["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-9)
+  assert again["accuracy"] == pytest.approx(metrics.test_accuracy, abs=1e-9)

@@ -4,6 +4,12 @@
     micronet-jax train --model nin --quant float --sparsity 1e-4 --out runs/sparse
     micronet-jax prune --from runs/sparse --percent 0.5 --out runs/pruned
     micronet-jax train --from runs/pruned --quant float --epochs 2 --out runs/finetuned
+    micronet-jax convert --from runs/w1a1 --out runs/w1a1-packed   # iao: integer, binary/ternary: packed
+    micronet-jax eval --artifact runs/w1a1-packed
+
+Each command line is a config (``parse_config``) run through ``pipelines.run``, and
+``config_to_argv`` writes a config back as the command line that reproduces it (the
+experiment scripts print these).
 
 Bad values (bits out of range, unknown method or model, missing data) end with a
 one-paragraph message and exit status 2, never a traceback.
@@ -12,25 +18,25 @@ one-paragraph message and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from typing import Any
 
-from micronet_jax.app import data as data_lib
 from micronet_jax import models
-from micronet_jax.app.errors import ConfigError
 from micronet_jax._src.core.observers import OBSERVERS
+from micronet_jax._src.flax.calibrate import METHODS
+from micronet_jax.app import data as data_lib
+from micronet_jax.app import pipelines, runs
+from micronet_jax.app.config import (LR_SCHEDULES, QUANT_METHODS, ConvertConfig, EvalConfig, PruneConfig,
+                                     PtqConfig, TrainConfig)
+from micronet_jax.app.errors import ConfigError
 
 OBSERVER_CHOICES = tuple(OBSERVERS)
 
 EXIT_USAGE = 2
 
 
-class UsageError(Exception):
-  """A bad command-line value: reported in one message, exit status 2."""
-
-
 def _add_train(sub) -> None:
-  from micronet_jax.app.experiment import LR_SCHEDULES, QUANT_METHODS, TrainConfig
-
   d = TrainConfig()
   p = sub.add_parser(
       "train",
@@ -88,44 +94,15 @@ def _add_train(sub) -> None:
   p.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
   p.add_argument("--limit-test", type=int, default=None, help="use only the first N test examples")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
-  p.set_defaults(func=_train)
 
 
-def _train(args: argparse.Namespace) -> int:
-  from micronet_jax.app.experiment import TrainConfig, method_defaults, read_config, run
-
-  d = TrainConfig()
-  src = read_config(args.from_run) if args.from_run else d
-  model = args.model or src.model
-  model_cfg = args.cfg if args.cfg is not None else (src.model_cfg if model == src.model else None)
-  w_bits, a_bits, lr = method_defaults(args.quant, args.qaft)
-  w_bits = w_bits if args.w_bits is None else args.w_bits
-  a_bits = a_bits if args.a_bits is None else args.a_bits
-  out = args.out
-  if out is None:
-    out = f"runs/{model}-{args.quant}" + ("" if args.quant == "float" else f"-w{w_bits}a{a_bits}")
-  config = TrainConfig(
-      model=model, model_cfg=model_cfg, dataset=args.dataset or src.dataset, data_dir=args.data_dir,
-      quant=args.quant, sparsity=args.sparsity, from_run=args.from_run,
-      w_bits=w_bits, a_bits=a_bits, epochs=args.epochs, batch_size=args.batch_size,
-      eval_batch_size=args.eval_batch_size, weight_decay=args.weight_decay, seed=args.seed,
-      lr=lr if args.lr is None else args.lr,
-      lr_schedule=args.lr_schedule,
-      fold_bn=args.fold_bn or (src.fold_bn and args.quant == src.quant), qaft=args.qaft,
-      observer=args.observer or (src.observer if args.quant == src.quant else d.observer),
-      out=out, limit_train=args.limit_train, limit_test=args.limit_test,
-  )
-  m = run(config, progress=not args.no_progress)
-  print(f"\n| run | epochs | test acc | best test acc | s/epoch |\n|---|---|---|---|---|\n"
-        f"| {m['label']} | {m['epochs']} | {100 * m['test_accuracy']:.2f}% | "
-        f"{100 * m['best_test_accuracy']:.2f}% | {m['seconds_per_epoch']:.1f} |")
-  print(f"wrote {out}/metrics.json and {out}/checkpoint")
-  return 0
+def _defaults(cls: type) -> dict[str, Any]:
+  """The field defaults of a config class: the parser's defaults, so they live in one place."""
+  return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 def _add_ptq(sub) -> None:
-  from micronet_jax._src.flax.calibrate import METHODS
-
+  d = _defaults(PtqConfig)
   p = sub.add_parser(
       "ptq",
       help="post-training quantization of a float run (calibrate, freeze, evaluate)",
@@ -136,37 +113,22 @@ def _add_ptq(sub) -> None:
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   p.add_argument("--from", dest="from_run", required=True, metavar="RUN_DIR", help="float run to quantize")
-  p.add_argument("--method", default="percentile", choices=METHODS,
+  p.add_argument("--method", default=d["method"], choices=METHODS,
                  help="range observer: percentile of |x| (micronet's), minmax, moving_average, or mse "
                  "(MSE-optimal clipping)")
-  p.add_argument("--w-bits", type=int, default=8, help="weight bits, 2..16")
-  p.add_argument("--a-bits", type=int, default=8, help="activation bits, 2..16")
-  p.add_argument("--batches", type=int, default=200, help="calibration batches")
-  p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
+  p.add_argument("--w-bits", type=int, default=d["w_bits"], help="weight bits, 2..16")
+  p.add_argument("--a-bits", type=int, default=d["a_bits"], help="activation bits, 2..16")
+  p.add_argument("--batches", type=int, default=d["batches"], help="calibration batches")
+  p.add_argument("--batch-size", type=int, default=d["batch_size"], help="calibration batch size")
   p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm separate (default: fold into convs)")
   p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files")
-  p.add_argument("--seed", type=int, default=0, help="seed of the calibration batch order")
+  p.add_argument("--seed", type=int, default=d["seed"], help="seed of the calibration batch order")
   p.add_argument("--out", required=True, help="run directory to write")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
-  p.set_defaults(func=_ptq)
-
-
-def _ptq(args: argparse.Namespace) -> int:
-  from micronet_jax.app.experiment import ptq_run
-  from micronet_jax._src.core.quantizers import MAX_BITS, MIN_BITS
-
-  for name in ("w_bits", "a_bits"):
-    if not MIN_BITS <= getattr(args, name) <= MAX_BITS:
-      raise UsageError(f"--{name.replace('_', '-')} must be in {MIN_BITS}..{MAX_BITS}, got {getattr(args, name)}")
-  if args.batches < 1 or args.batch_size < 1:
-    raise UsageError("--batches and --batch-size must be at least 1")
-  ptq_run(args.from_run, args.out, args.method, args.w_bits, args.a_bits, args.batches, args.batch_size,
-          not args.no_fold_bn, args.data_dir, args.seed, progress=not args.no_progress)
-  print(f"wrote {args.out} (fine-tune it with: micronet-jax train --from {args.out} --quant iao --qaft ...)")
-  return 0
 
 
 def _add_prune(sub) -> None:
+  d = _defaults(PruneConfig)
   p = sub.add_parser(
       "prune",
       help="network slimming: prune BatchNorm channels of a (sparse-trained) float run",
@@ -176,72 +138,137 @@ def _add_prune(sub) -> None:
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   p.add_argument("--from", dest="from_run", required=True, metavar="RUN_DIR", help="float run to prune")
-  p.add_argument("--percent", type=float, default=0.5, help="fraction of prunable channels to remove, in [0, 1)")
-  p.add_argument("--regular", type=int, default=1, metavar="N",
+  p.add_argument("--percent", type=float, default=d["percent"], help="fraction of prunable channels to remove, in [0, 1)")
+  p.add_argument("--regular", type=int, default=d["regular"], metavar="N",
                  help="regular pruning: channel counts rounded to a multiple of N (1: normal pruning)")
   p.add_argument("--no-compensate", action="store_true",
                  help="drop pruned channels' ReLU(beta) instead of folding it into the next conv's bias "
                  "(micronet's behaviour)")
   p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files (for the accuracy report)")
   p.add_argument("--out", required=True, help="run directory to write")
-  p.set_defaults(func=_prune)
-
-
-def _prune(args: argparse.Namespace) -> int:
-  from micronet_jax.app.experiment import prune_run
-
-  if not 0.0 <= args.percent < 1.0:
-    raise UsageError(f"--percent must be in [0, 1), got {args.percent}")
-  if args.regular < 1:
-    raise UsageError(f"--regular must be >= 1, got {args.regular}")
-  prune_run(args.from_run, args.out, args.percent, args.regular, not args.no_compensate, args.data_dir)
-  print(f"wrote {args.out} (fine-tune it with: micronet-jax train --from {args.out} --quant float ...)")
-  return 0
 
 
 def _add_convert(sub) -> None:
   p = sub.add_parser(
       "convert",
-      help="integer-only deploy artifact of an IAO run (int8 weights, int32 bias, fixed-point requantization)",
-      description="Convert an IAO (QAT or PTQ) run into an integer-only network: writes OUT/deploy.npz (int8 "
-      "weights, int32 biases and requantization multipliers; no float weights), OUT/integer_model.jax (a "
-      "jax.export StableHLO artifact of the integer forward, arrays included) and OUT/deploy.json, and "
-      "checks the integer forward against the fake-quant forward on the test set.",
+      help="deploy artifact of an IAO run (integer-only) or of a binary/ternary run (BN fused, kernels packed)",
+      description="Convert an IAO (QAT or PTQ) run into an integer-only network (int8 weights, int32 biases and "
+      "requantization multipliers; no float weights), or a binary/ternary run into its packed deploy "
+      "(BatchNorms fused into biases, 1-bit binary / 2-bit ternary kernels with one float32 alpha per output "
+      "channel). Writes OUT/deploy.npz (the deploy arrays), OUT/integer_model.jax (a jax.export StableHLO "
+      "artifact of the deploy forward, arrays included) and OUT/deploy.json, and checks the deploy forward "
+      "(and, for binary weights with binary inputs, the XNOR/popcount forward) against the fake-quant "
+      "forward on the test set.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
-  p.add_argument("--from", dest="from_run", required=True, metavar="RUN_DIR", help="iao run to convert")
+  p.add_argument("--from", dest="from_run", required=True, metavar="RUN_DIR", help="iao, binary or ternary run to convert")
   p.add_argument("--out", required=True, help="artifact directory to write")
   p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files")
-  p.set_defaults(func=_convert)
-
-
-def _convert(args: argparse.Namespace) -> int:
-  from micronet_jax.app.experiment import convert_run
-
-  convert_run(args.from_run, args.out, args.data_dir)
-  print(f"wrote {args.out} (evaluate it with: micronet-jax eval --artifact {args.out})")
-  return 0
 
 
 def _add_eval(sub) -> None:
   p = sub.add_parser(
       "eval",
-      help="evaluate a converted integer artifact on the test set, without the model's code",
+      help="evaluate a converted (integer or packed binary) artifact on the test set, without the model's code",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   p.add_argument("--artifact", required=True, metavar="DIR", help="directory written by `convert`")
   p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files")
   p.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images")
-  p.set_defaults(func=_eval)
 
 
-def _eval(args: argparse.Namespace) -> int:
-  from micronet_jax.app.experiment import eval_artifact
+# ----------------------------------------------------------------------------- args <-> configs
 
-  if args.limit_test is not None and args.limit_test < 1:
-    raise UsageError(f"--limit-test must be at least 1, got {args.limit_test}")
-  eval_artifact(args.artifact, args.data_dir, limit_test=args.limit_test)
-  return 0
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+  given = {k: getattr(args, k) for k in (
+      "model", "dataset", "data_dir", "quant", "w_bits", "a_bits", "epochs", "batch_size", "eval_batch_size",
+      "lr", "lr_schedule", "weight_decay", "sparsity", "observer", "fold_bn", "qaft", "seed", "out",
+      "limit_train", "limit_test")}
+  return runs.train_config(args.from_run, model_cfg=args.cfg, **given)
+
+
+CONFIGS = {  # command -> (the config it runs, args -> config)
+    "train": (TrainConfig, _train_config),
+    "ptq": (PtqConfig, lambda a: PtqConfig(a.from_run, a.out, a.method, a.w_bits, a.a_bits, a.batches, a.batch_size,
+                                           not a.no_fold_bn, a.data_dir, a.seed)),
+    "prune": (PruneConfig, lambda a: PruneConfig(a.from_run, a.out, a.percent, a.regular, not a.no_compensate,
+                                                 a.data_dir)),
+    "convert": (ConvertConfig, lambda a: ConvertConfig(a.from_run, a.out, a.data_dir)),
+    "eval": (EvalConfig, lambda a: EvalConfig(a.artifact, a.data_dir, a.limit_test)),
+}
+# field -> flag; a flag without a value is a bool field's (True: given), "--no-..." one's inverse.
+FLAGS = {
+    "from_run": "--from", "model_cfg": "--cfg", "fold_bn": "--fold-bn", "qaft": "--qaft",
+    "compensate_beta": "--no-compensate", "artifact": "--artifact",
+}
+ALWAYS = {"from_run", "artifact", "model", "quant", "out"}  # written even when they are the default
+
+
+def _flag(cls: type, field: str) -> str:
+  if cls is PtqConfig and field == "fold_bn":
+    return "--no-fold-bn"
+  return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
+def _baseline(config: Any) -> dict[str, Any]:
+  """What the command line gives each field when its flag is left out."""
+  if isinstance(config, TrainConfig):  # the method's defaults, or inherited from --from
+    c = config  # the bits and lr defaults follow --quant and --qaft, which are given
+    base = dataclasses.asdict(runs.train_config(c.from_run, model=c.model, quant=c.quant, qaft=c.qaft, out=c.out))
+    return {**base, "qaft": False}
+  return _defaults(type(config))
+
+
+def config_to_argv(config: Any) -> list[str]:
+  """The ``micronet-jax`` arguments that run ``config``: ``parse_config`` of them is
+  ``config``. Flags equal to what the command would infer are left out, so a
+  ``TrainConfig`` with ``from_run`` needs that run's config.json (what it inherits)."""
+  command = next((name for name, (cls, _) in CONFIGS.items() if type(config) is cls), None)
+  if command is None:
+    raise TypeError(f"no command runs a {type(config).__name__}")
+  base, argv = _baseline(config), [command]
+  for f in dataclasses.fields(config):
+    value, flag = getattr(config, f.name), _flag(type(config), f.name)
+    if value is None or (f.name not in ALWAYS and f.name in base and value == base[f.name]):
+      continue
+    if isinstance(value, bool):
+      if value != flag.startswith("--no-"):  # the flag gives this value
+        argv.append(flag)
+        continue
+      raise ConfigError(f"{command} cannot set {f.name}={value} on the command line (it is "
+                        f"{base.get(f.name)} when {flag} is not given)")
+    argv += [flag, *map(_text, value)] if isinstance(value, (tuple, list)) else [flag, _text(value)]
+  return argv
+
+
+def _text(value: Any) -> str:
+  return repr(value) if isinstance(value, float) else str(value)
+
+
+def parse_config(argv: list[str]) -> Any:
+  """The config a ``micronet-jax`` command line runs (argparse exits on a bad flag)."""
+  args = build_parser().parse_args(argv)
+  return CONFIGS[args.command][1](args)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _report(result: Any, config: Any) -> None:
+  """The lines a command prints after its pipeline's own report."""
+  if isinstance(config, TrainConfig):
+    out = config.out
+    print(f"\n| run | epochs | test acc | best test acc | s/epoch |\n|---|---|---|---|---|\n"
+          f"| {result.label} | {result.epochs} | {100 * result.test_accuracy:.2f}% | "
+          f"{100 * result.best_test_accuracy:.2f}% | {result.seconds_per_epoch:.1f} |")
+    print(f"wrote {out}/metrics.json and {out}/checkpoint")
+  elif isinstance(config, PtqConfig):
+    print(f"wrote {config.out} (fine-tune it with: micronet-jax train --from {config.out} --quant iao --qaft ...)")
+  elif isinstance(config, PruneConfig):
+    print(f"wrote {config.out} (fine-tune it with: micronet-jax train --from {config.out} --quant float ...)")
+  elif isinstance(config, ConvertConfig):
+    print(f"wrote {config.out} (evaluate it with: micronet-jax eval --artifact {config.out})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,11 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = build_parser()
-  args = parser.parse_args(argv)
+  args = build_parser().parse_args(argv)
   try:
-    return args.func(args)
-  except (UsageError, ConfigError, data_lib.DataError) as e:
+    config = CONFIGS[args.command][1](args)
+    _report(pipelines.run(config, progress=not getattr(args, "no_progress", False)), config)
+    return 0
+  except (ConfigError, data_lib.DataError) as e:
     print(f"micronet-jax {args.command}: error: {e}", file=sys.stderr)
     return EXIT_USAGE
   except KeyboardInterrupt:
