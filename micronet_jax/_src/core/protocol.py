@@ -73,6 +73,21 @@ class AffineGrid(Protocol):
     ...
 
 
+@runtime_checkable
+class RangeObserved(Protocol):
+  """Capability: the statistics are a ``RangeState`` kept by ``observer`` (an observer
+  spec, ``observers.py``), and ``fake_quant(x, state, update=False)`` quantizes on that
+  range. ``ops.Add`` needs it to quantize two inputs on the union of their ranges."""
+
+  observer: Any
+
+  def init_state(self, x: Array) -> Any:
+    ...
+
+  def fake_quant(self, x: Array, state: Any, *, update: bool) -> tuple[Array, Any]:
+    ...
+
+
 class StatelessWeight:
   """Mixin: the protocol for a weight family whose spec has ``fake_quant(w, channel_axis)``
   and keeps no state (ranges come from the weights on every call)."""
@@ -99,4 +114,4 @@ class ObservedActivation:
 def check_quantizer(owner: str, q: Any) -> None:
   """Raises a ValueError naming ``owner`` unless ``q`` is None or follows the protocol."""
   if q is not None and not isinstance(q, Quantizer):
-    raise ValueError(f"{owner} must be a quantizer (init/apply, see micronet_jax._src.core.protocol) or None, got {q!r}")
+    raise ValueError(f"{owner} must be a quantizer spec (init/apply: see micronet_jax.Quantizer) or None, got {q!r}")

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from micronet_jax._src.core import observers as obs
+from micronet_jax._src.core.protocol import RangeObserved
+from micronet_jax._src.flax import seam
 
 
 Array = jax.Array
@@ -61,14 +63,14 @@ class Add(nn.Module):
     q = self.act_quant
     if q is None:
       return a + b
-    if not hasattr(q, "observer"):
-      raise ValueError(f"ops.Add {'/'.join(self.scope.path)}: the shared input scale needs an activation "
-                       f"quantizer with an observer (e.g. AffineActivation), got {type(q).__name__}")
-    union = self.variable("quant_stats", INPUT_STATS, q.init_state, a)
-    if self.is_mutable_collection("quant_stats"):  # the per-input ranges are needed only to update
-      stats_a = self.variable("quant_stats", INPUT_STATS + "_a", q.init_state, a)
-      stats_b = self.variable("quant_stats", INPUT_STATS + "_b", q.init_state, b)
-      if not self.is_initializing():
+    if not isinstance(q, RangeObserved):
+      raise ValueError(f"ops.Add {seam.module_path(self)}: the shared input scale needs an activation "
+                       f"quantizer with a range observer (e.g. AffineActivation), got {type(q).__name__}")
+    union = seam.stat(self, INPUT_STATS, lambda: q.init_state(a))
+    if seam.stats_mutable(self):  # the per-input ranges are needed only to update
+      stats_a = seam.stat(self, INPUT_STATS + "_a", lambda: q.init_state(a))
+      stats_b = seam.stat(self, INPUT_STATS + "_b", lambda: q.init_state(b))
+      if seam.stats_update(self):
         stats_a.value = q.observer.update(stats_a.value, a, None)
         stats_b.value = q.observer.update(stats_b.value, b, None)
         union.value = union_range(stats_a.value, stats_b.value)

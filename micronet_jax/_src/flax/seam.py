@@ -8,7 +8,7 @@ second framework (NNX) is a second implementation of this module, not of the lay
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -27,12 +27,22 @@ def module_path(module: nn.Module) -> str:
 def stats_update(module: nn.Module) -> bool:
   """Whether observed statistics move in this call: ``quant_stats`` is mutable and the
   model is not being initialised (init creates empty observers; it does not observe)."""
-  return module.is_mutable_collection(STATS) and not module.is_initializing()
+  return stats_mutable(module) and not module.is_initializing()
 
 
 def stored_stats(module: nn.Module, role: str) -> Any:
   """The quantizer statistics kept under ``role`` in this module, or None."""
   return module.get_variable(STATS, role) if module.has_variable(STATS, role) else None
+
+
+def stat(module: nn.Module, name: str, init: Callable[[], Any]) -> Any:
+  """The ``quant_stats`` variable ``name`` of ``module`` (created by ``init`` if new)."""
+  return module.variable(STATS, name, init)
+
+
+def stats_mutable(module: nn.Module) -> bool:
+  """Whether ``quant_stats`` may be written in this call (training, calibration, init)."""
+  return module.is_mutable_collection(STATS)
 
 
 def apply_quantizer(module: nn.Module, role: str, q: Any, x: Array, channel_axis: int | None) -> Array:
@@ -47,7 +57,7 @@ def apply_quantizer(module: nn.Module, role: str, q: Any, x: Array, channel_axis
     params = {k: module.param(f"{role}_{k}", lambda _rng, v=v: v) for k, v in init.params.items()}
   stats = None
   if init.stats is not None:
-    stats = module.variable(STATS, role, lambda: init.stats)
+    stats = stat(module, role, lambda: init.stats)
   update = stats is not None and stats_update(module)
   x_q, new_stats = q.apply(x, QState(params, None if stats is None else stats.value),
                            channel_axis=channel_axis, update=update)
