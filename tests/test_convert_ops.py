@@ -3,7 +3,6 @@ channel shuffle with group convolutions, strided/dilated convs and flattening; a
 marked residual add whose two branches have different ranges."""
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
