@@ -4,7 +4,6 @@ directories written by ``prune_run`` and the ``prune`` command."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 
