@@ -207,3 +207,31 @@ def test_converter_names_what_an_affine_user_quantizer_lacks():
     v = mj.calibrate(qmodel, mj.quantize_variables(qmodel, Mlp().init(KEY, X), X), [X])
     with pytest.raises(ValueError, match=message):
       mj.convert(qmodel, v, X[:1])
+
+
+def test_learned_kernel_step_with_batch_norm_folding():
+  """A folded conv's kernel is quantized inside the BatchNorm's call, so its learned step
+  lives under the BatchNorm; the folded forward is conv(x, q(W_fold)) + b_fold."""
+  from micronet_jax._src.flax.bn_fold import fold_batch_norm
+
+  class ConvBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      return nn.BatchNorm(use_running_average=not train, name="bn")(nn.Conv(4, (3, 3), name="conv")(x))
+
+  x = jax.random.normal(jax.random.key(2), (2, 6, 6, 3))
+  q = LearnedStep()
+  qmodel = mj.quantize_model(ConvBN(), [mj.QuantRule(weight=q, fold_bn=True)])
+  fv = ConvBN().init(KEY, x)
+  fv = {**fv, "batch_stats": {"bn": {"mean": jnp.arange(4.0) / 10, "var": 1 + jnp.arange(4.0)}}}
+  v = mj.quantize_variables(qmodel, fv, x)
+  assert set(v["params"]["bn"]) == {"scale", "bias", "kernel_step"} and set(v["params"]["conv"]) == {"kernel", "bias"}
+  conv, bn = v["params"]["conv"], v["params"]["bn"]
+  w_fold, b_fold = fold_batch_norm(conv["kernel"], conv["bias"], bn["scale"], bn["bias"],
+                                   fv["batch_stats"]["bn"]["mean"], fv["batch_stats"]["bn"]["var"], 1e-5)
+  np.testing.assert_allclose(bn["kernel_step"], 2 * jnp.mean(jnp.abs(w_fold)) / np.sqrt(7), rtol=1e-6)
+  w_q = q.apply(w_fold, QState(params={"step": bn["kernel_step"]}), channel_axis=-1, update=False)[0]
+  want = nn.Conv(4, (3, 3), use_bias=False).apply({"params": {"kernel": w_q}}, x) + b_fold
+  np.testing.assert_allclose(qmodel.apply(v, x, train=False), want, rtol=1e-5, atol=1e-5)
+  g = jax.grad(lambda p: jnp.sum(qmodel.apply({**v, "params": p}, x, train=False) ** 2))(v["params"])
+  assert float(jnp.abs(g["bn"]["kernel_step"])) > 0

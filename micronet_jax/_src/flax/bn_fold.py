@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from micronet_jax._src.flax import seam
 from micronet_jax._src.flax.layers import accumulator_scale
 from micronet_jax._src.core.quantizers import bias_fake_quant
 
@@ -143,11 +144,15 @@ def folded_conv_bn(
     correction = jnp.sqrt(ra_var.value + bn.epsilon) * jax.lax.rsqrt(var + bn.epsilon)
   else:
     w_fold, b_fold = fold_batch_norm(kernel, bias, scale, beta, mu, var, bn.epsilon)
-  acc_scale = accumulator_scale(weight_quant, w_fold, input_scale, -1)
+  # The folded kernel is quantized here, inside the BatchNorm's call, so a kernel quantizer
+  # that owns params keeps them under the BatchNorm (params/<bn>/kernel_<name>): Linen
+  # creates params only in the module whose method is running.
+  w_q = seam.apply_quantizer(bn, "kernel", weight_quant, w_fold, -1)
+  acc_scale = accumulator_scale(weight_quant, w_fold, input_scale, -1,
+                                seam.quantizer_state(bn, "kernel", weight_quant))
   if acc_scale is not None:
     b_fold = bias_fake_quant(b_fold, acc_scale)
-  if weight_quant is not None:
-    w_fold = weight_quant.fake_quant(w_fold, channel_axis=-1)
+  w_fold = w_q
   fields = {f: getattr(conv, f) for f in ("features", "kernel_size", "strides", "padding", "input_dilation",
                                           "kernel_dilation", "feature_group_count", "precision", "dtype")}
   y = nn.Conv(**fields, use_bias=False).apply({"params": {"kernel": w_fold}}, x_q)

@@ -120,15 +120,16 @@ class _Layer:
   macs: int
 
 
-def layer_macs(module: nn.Module, out_shape: tuple[int, ...], kernel_shape: tuple[int, ...], batch: int) -> int:
-  """Multiply-accumulates per example of one call: every output element is one dot
-  product over the kernel's input slice (per group); a transposed conv scatters each
-  input element through the kernel instead."""
+def layer_macs(module: nn.Module, example_out_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> int:
+  """Multiply-accumulates of one call for one example (``example_out_shape``: the output
+  without its batch axis, so a symbolic batch, as under ``jax.export``, never enters):
+  every output element is one dot product over the kernel's input slice (per group); a
+  transposed conv scatters each input element through the kernel instead."""
   contraction = int(np.prod(kernel_shape[:-1]))
   if isinstance(module, nn.ConvTranspose):
     contraction = int(np.prod(kernel_shape[:-2])) * kernel_shape[-2]
-    return int(np.prod(out_shape)) // batch * contraction // int(np.prod(module.strides or (1,)))
-  return int(np.prod(out_shape)) // batch * contraction
+    return int(np.prod(example_out_shape)) * contraction // int(np.prod(module.strides or (1,)))
+  return int(np.prod(example_out_shape)) * contraction
 
 
 def float_fields(module: nn.Module) -> dict[str, Any]:
@@ -178,7 +179,7 @@ class _Recorder:
     x = args[0] if args else kwargs.get("inputs")
     kernel = m.scope.get_variable("params", "kernel")
     kernel_shape = None if kernel is None else tuple(kernel.shape)
-    macs = 0 if kernel is None else layer_macs(m, out.shape, kernel_shape, x.shape[0] if x.ndim > 1 else 1)
+    macs = 0 if kernel is None else layer_macs(m, out.shape[1:] if x.ndim > 1 else out.shape, kernel_shape)
     if path in self.calls:
       self.calls[path].macs += macs
     else:
