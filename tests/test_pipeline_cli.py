@@ -3,7 +3,6 @@ float -> ptq -> qaft -> convert -> eval, and sparse -> prune -> fine-tune -> QAT
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 import pytest
