@@ -25,7 +25,7 @@ the next layer there may be a max-pool or a channel shuffle; both commute with s
 pre-sign value, PyTorch's to the first of the tied ones.) For your own model: make the
 activation in front of each binarised layer the identity (or anything odd and
 increasing, such as hardtanh), and keep dropout away from it: sign(0) = +1 turns each
-dropped unit into +1 (``experiment.build`` builds LeNet without dropout for A1).
+dropped unit into +1 (``micronet_jax.app.recipes.build`` builds LeNet without dropout for A1).
 
 **Mean-centering and clipping are a params transform, not part of the forward.**
 micronet overwrites the stored binary weights with ``clip(w - mean_in(w), -1, 1)``
