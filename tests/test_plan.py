@@ -71,7 +71,7 @@ def test_the_model_is_traced_once_for_the_plan_and_once_per_jit():
 def test_a_layer_the_plan_did_not_see_is_an_error():
   class Branchy(nn.Module):
     @nn.compact
-    def __call__(self, x, extra: bool = False):
+    def __call__(self, x):
       x = nn.Dense(3, name="a")(x)
       if x.shape[0] == 5:  # a branch on a shape: planned per input signature, so still seen
         x = nn.Dense(3, name="b")(x)

@@ -14,6 +14,7 @@ walking the model themselves.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
@@ -91,7 +92,7 @@ class ModelPlan:
       return self.by_path[key]
     return self.layers[key]
 
-  @property
+  @functools.cached_property
   def by_path(self) -> dict[str, LayerPlan]:
     return {p.path: p for p in self.layers}
 
@@ -138,12 +139,16 @@ def float_fields(module: nn.Module) -> dict[str, Any]:
           if f.init and f.name not in ("parent", "name")}
 
 
+def use_running_average(module: nn.BatchNorm, args, kwargs) -> bool:
+  """The ``use_running_average`` a BatchNorm call resolves to (field or call argument)."""
+  call_ura = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+  return nn.merge_param("use_running_average", module.use_running_average, call_ura)
+
+
 def call_batch_norm(next_fun: Callable, args, kwargs, module: nn.BatchNorm) -> Any:
   """A BatchNorm call; in training mode with ``batch_stats`` frozen (QAFT), it normalises
   with its running statistics instead of failing to update them."""
-  call_ura = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
-  ura = nn.merge_param("use_running_average", module.use_running_average, call_ura)
-  if not ura and not module.is_mutable_collection("batch_stats") and not module.is_initializing():
+  if not use_running_average(module, args, kwargs) and not module.is_mutable_collection("batch_stats") and not module.is_initializing():
     x = args[0] if args else kwargs.get("x")
     frozen = nn.BatchNorm(**{**float_fields(module), "use_running_average": True}, parent=module.scope)
     return frozen(x, mask=kwargs.get("mask"))

@@ -26,7 +26,8 @@ from micronet_jax._src.flax import seam
 from micronet_jax._src.core import quantizers as qz
 from micronet_jax._src.flax.bn_fold import folded_conv_bn
 from micronet_jax._src.flax.layers import LAYER_KIND, QUANTIZED_COUNTERPART, input_scale, quantize_input
-from micronet_jax._src.flax.plan import LayerPlan, ModelPlan, call_batch_norm, decide, float_fields, record
+from micronet_jax._src.flax.plan import (LayerPlan, ModelPlan, call_batch_norm, decide, float_fields, record,
+                                        use_running_average)
 from micronet_jax._src.core.rules import QuantRule
 from micronet_jax._src.core.treeutil import shape_mismatches
 
@@ -77,8 +78,7 @@ class _Swapper:
     pending = self._pending.pop(id(x), None)
     if pending is None:
       return call_batch_norm(next_fun, args, kwargs, module)
-    call_ura = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
-    ura = nn.merge_param("use_running_average", module.use_running_average, call_ura)
+    ura = use_running_average(module, args, kwargs)
     conv, x_q, s_in, plan = pending
     self._own_calls += 1
     try:
