@@ -79,6 +79,7 @@ class TrainConfig:
   from_run: str | None = None
   limit_train: int | None = None
   limit_test: int | None = None
+  checkpoint_every: int = 1000  # steps between resumable checkpoints (also at every epoch end); 0: epoch ends only
 
   def __post_init__(self):
     if self.model_cfg is not None:
@@ -110,6 +111,8 @@ class TrainConfig:
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     _check_at_least_1(self, "limit_train", "limit_test")
+    if self.checkpoint_every < 0:
+      raise ValueError(f"checkpoint_every must be >= 0 steps, got {self.checkpoint_every}")
     if self.observer not in OBSERVER_NAMES:
       raise ValueError(f"unknown observer {self.observer!r}; choose one of {list(OBSERVER_NAMES)}")
     if self.qaft and self.quant == "float":
