@@ -33,4 +33,5 @@ def run_step(name: str, config: Any, reuse: bool = False, progress: bool = False
     with open(path) as f:
       return cmd, json.load(f)
   print(f"\n=== {name}: {cmd}", flush=True)
-  return cmd, pipelines.run(config, progress=progress).to_json()
+  # an experiment owns its output folders: a step that is not reused is run again in place
+  return cmd, pipelines.run(config, progress=progress, overwrite=True).to_json()

@@ -17,7 +17,7 @@ from micronet_jax import iao_rules, quantize_model, quantize_variables
 from micronet_jax.app import config as config_lib
 from micronet_jax.app import pipelines, recipes
 
-from micronet_jax.app import train
+from micronet_jax.app import checkpoints, train
 from micronet_jax.models import LeNet
 
 BATCH = 32
@@ -301,39 +301,39 @@ def trained_qat(qmodel, tx, batches):
 
 def test_checkpoint_round_trip_qat(tmp_path, qmodel, trained_qat, batches):
   x = batches[0][0]
-  path = train.save_checkpoint(str(tmp_path), trained_qat)
-  assert path == str(tmp_path / train.CHECKPOINT_DIR) and os.path.isdir(path)
+  path = checkpoints.save_variables(str(tmp_path), trained_qat)
+  assert path == str(tmp_path / checkpoints.CHECKPOINT_DIR) and os.path.isdir(path)
   like = qmodel.init(jax.random.key(7), x, train=False)  # same structure, other values
-  restored = train.load_checkpoint(str(tmp_path), like)
+  restored = checkpoints.load_variables(str(tmp_path), like)
   assert trees_equal(restored, trained_qat)  # values, dtypes (bool initialized) and RangeState nodes
   assert all(bool(r.initialized) for r in observer_states(restored).values())
   # an abstract target works too
   abstract = jax.eval_shape(lambda: qmodel.init(jax.random.key(0), x, train=False))
-  assert trees_equal(train.load_checkpoint(str(tmp_path), abstract), trained_qat)
+  assert trees_equal(checkpoints.load_variables(str(tmp_path), abstract), trained_qat)
   # the restored model computes what the saved one did
   np.testing.assert_array_equal(qmodel.apply(restored, x, train=False), qmodel.apply(trained_qat, x, train=False))
 
 
 def test_load_checkpoint_missing(tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    train.load_checkpoint(str(tmp_path), {"params": {}})
+    checkpoints.load_variables(str(tmp_path), {"params": {}})
 
 
 def test_load_checkpoint_other_structure_raises(tmp_path, qmodel, trained_qat, batches):
-  train.save_checkpoint(str(tmp_path), {"params": trained_qat["params"]})  # float: no quant_stats
+  checkpoints.save_variables(str(tmp_path), {"params": trained_qat["params"]})  # float: no quant_stats
   like = qmodel.init(jax.random.key(0), batches[0][0], train=False)
   with pytest.raises(ValueError, match="does not fit this model"):
-    train.load_checkpoint(str(tmp_path), like)
+    checkpoints.load_variables(str(tmp_path), like)
 
 
 def test_load_checkpoint_other_shapes_raises(tmp_path, trained_qat, batches):
   # Regression: until f34231f orbax restored the saved shapes whatever the target said, and
   # a LeNet() checkpoint "loaded" into a LeNet with (8, 16, 32) channels.
-  train.save_checkpoint(str(tmp_path), trained_qat)
+  checkpoints.save_variables(str(tmp_path), trained_qat)
   other = quantize_model(small_lenet(), iao_rules(8, 8))
   like = jax.eval_shape(lambda: other.init(jax.random.key(0), batches[0][0], train=False))
   with pytest.raises(ValueError, match="does not fit this model") as e:
-    train.load_checkpoint(str(tmp_path), like)
+    checkpoints.load_variables(str(tmp_path), like)
   assert "['params']['Conv_0']['kernel'] has shape (5, 5, 1, 10) in the checkpoint but (5, 5, 1, 8)" in str(e.value)
 
 
@@ -344,9 +344,9 @@ def _float_checkpoint(tmp_path, model, batches, steps=3):
   for i in range(steps):
     state, _ = train.train_step(state, xs[i], ys[i])
   saved = copy_tree(state.variables)
-  train.save_checkpoint(str(tmp_path), state.variables)
+  checkpoints.save_variables(str(tmp_path), state.variables)
   like = jax.eval_shape(lambda: model.init(key, xs[0]))
-  restored = train.load_checkpoint(str(tmp_path), like)
+  restored = checkpoints.load_variables(str(tmp_path), like)
   assert trees_equal(restored, saved)
   return restored
 
@@ -410,12 +410,12 @@ def test_short_real_run_learns(tmp_path, fashion_mnist_small):
   assert len(written["history"]) == 1
   with open(out / "config.json") as f:
     assert json.load(f) == written["config"]
-  assert os.path.isdir(out / train.CHECKPOINT_DIR)
+  assert os.path.isdir(out / checkpoints.CHECKPOINT_DIR)
 
   # The checkpoint holds the trained QAT model: it scores the reported accuracy again.
   _, net = recipes.build(config)
   x0 = fashion_mnist_small.x_train[:1]
-  restored = train.load_checkpoint(str(out), jax.eval_shape(lambda: net.init(jax.random.key(0), x0, train=False)))
+  restored = checkpoints.load_variables(str(out), jax.eval_shape(lambda: net.init(jax.random.key(0), x0, train=False)))
   assert all(bool(r.initialized) for r in observer_states(restored).values())
   state = train.create_train_state(net.apply, restored, train.make_optimizer())
   again = train.evaluate(state, fashion_mnist_small.x_test, fashion_mnist_small.y_test)

@@ -21,7 +21,7 @@ import numpy as np
 import micronet_jax as mj
 from micronet_jax._src.deploy.integer import quantize_input
 from micronet_jax.app import data as data_lib
-from micronet_jax.app import runs
+from micronet_jax.app import rundir, runs
 from micronet_jax.app import train as train_lib
 from micronet_jax.app.config import BINARY_BITS, ConvertConfig, EvalConfig
 from micronet_jax.app.errors import ConfigError
@@ -81,46 +81,48 @@ def _export(artifact: Any, kind: str, input_shape: tuple[int, ...], batch: int) 
   return jax.export.export(fn)(jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)), batch
 
 
-def convert(config: ConvertConfig, batch_size: int = EVAL_BATCH, log: Log = print) -> ConvertResult:
+def convert(config: ConvertConfig, batch_size: int = EVAL_BATCH, log: Log = print, *,
+            overwrite: bool = False) -> ConvertResult:
   """Deploy artifact of an IAO or binary/ternary run in ``config.out``; reports sizes and
   the fake-quant, deploy (and XNOR) test accuracy and prediction agreement."""
-  src, qmodel, variables = runs.load_run(config.from_run)
-  if src.quant not in KINDS:
-    raise ConfigError(f"{config.from_run} is a {src.label} run; conversion needs an iao (QAT or PTQ) run "
-                      f"(integer deploy) or a binary/ternary run (packed deploy)")
-  kind = KINDS[src.quant]
-  dataset = data_lib.load(src.dataset, config.data_dir or src.data_dir)
-  build = _integer if kind == "integer" else _binary
-  artifact, arrays, grid, forwards = build(qmodel, variables, dataset.x_test, config.from_run)
-  ev = evaluate({"fake_quant": model_forward(qmodel, variables), **forwards}, dataset.x_test, dataset.y_test,
-                batch_size)
+  with rundir.RunWriter(config.out, overwrite=overwrite) as writer:
+    src, qmodel, variables = runs.load_run(config.from_run)
+    if src.quant not in KINDS:
+      raise ConfigError(f"{config.from_run} is a {src.label} run; conversion needs an iao (QAT or PTQ) run "
+                        f"(integer deploy) or a binary/ternary run (packed deploy)")
+    kind = KINDS[src.quant]
+    dataset = data_lib.load(src.dataset, config.data_dir or src.data_dir)
+    build = _integer if kind == "integer" else _binary
+    artifact, arrays, grid, forwards = build(qmodel, variables, dataset.x_test, config.from_run)
+    ev = evaluate({"fake_quant": model_forward(qmodel, variables), **forwards}, dataset.x_test, dataset.y_test,
+                  batch_size)
 
-  os.makedirs(config.out, exist_ok=True)
-  npz = os.path.join(config.out, runs.ARRAYS_FILE)
-  np.savez(npz, **arrays)
-  exported, artifact_batch = _export(artifact, kind, dataset.x_test.shape[1:], batch_size)
-  float_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"]))
-  result = ConvertResult(
-      kind=kind, from_run=config.from_run, label=src.label, dataset=src.dataset,
-      input_shape=list(dataset.x_test.shape[1:]), artifact_batch=artifact_batch, **grid,
-      deploy_bytes=mj.nbytes(artifact if kind == "integer" else artifact[1]),
-      deploy_npz_bytes=os.path.getsize(npz), artifact_bytes=runs.write_exported(config.out, exported),
-      float_params_bytes=4 * float_params, fake_quant_test_accuracy=ev.accuracy["fake_quant"],
-      deploy_test_accuracy=ev.accuracy["deploy"], prediction_agreement=ev.agreement["deploy"],
-      xnor_test_accuracy=ev.accuracy.get("xnor"), test_images=ev.images, versions=train_lib.package_versions(),
-  )
-  train_lib.write_json(os.path.join(config.out, runs.DEPLOY_FILE), result.to_json())
-  what = ("int8 weights, int32 bias/multipliers" if kind == "integer" else
-          "packed 1-/2-bit kernels, float32 alphas, biases and float layers")
-  xnor = "" if result.xnor_test_accuracy is None else f"| XNOR/popcount | {100 * result.xnor_test_accuracy:.2f}% |\n"
-  agree = round(result.prediction_agreement * ev.images)
-  log(f"| artifact | bytes |\n|---|---|\n| float params (float32) | {result.float_params_bytes:,} |\n"
-      f"| deploy arrays ({what}) | {result.deploy_bytes:,} |\n"
-      f"| {runs.ARTIFACT_FILE} (StableHLO, arrays included) | {result.artifact_bytes:,} |\n\n"
-      f"| forward | test acc |\n|---|---|\n| fake-quant ({src.label}) | {100 * result.fake_quant_test_accuracy:.2f}% |\n"
-      f"| {'integer-only' if kind == 'integer' else 'packed deploy'} | {100 * result.deploy_test_accuracy:.2f}% |\n"
-      f"{xnor}same predicted class on {agree}/{ev.images} test images ({100 * result.prediction_agreement:.2f}%)")
-  return result
+    npz = os.path.join(writer.path, runs.ARRAYS_FILE)
+    np.savez(npz, **arrays)
+    exported, artifact_batch = _export(artifact, kind, dataset.x_test.shape[1:], batch_size)
+    float_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(variables["params"]))
+    result = ConvertResult(
+        kind=kind, from_run=config.from_run, label=src.label, dataset=src.dataset,
+        input_shape=list(dataset.x_test.shape[1:]), artifact_batch=artifact_batch, **grid,
+        deploy_bytes=mj.nbytes(artifact if kind == "integer" else artifact[1]),
+        deploy_npz_bytes=os.path.getsize(npz), artifact_bytes=runs.write_exported(writer.path, exported),
+        float_params_bytes=4 * float_params, fake_quant_test_accuracy=ev.accuracy["fake_quant"],
+        deploy_test_accuracy=ev.accuracy["deploy"], prediction_agreement=ev.agreement["deploy"],
+        xnor_test_accuracy=ev.accuracy.get("xnor"), test_images=ev.images, versions=train_lib.package_versions(),
+    )
+    rundir.write_json(os.path.join(writer.path, runs.DEPLOY_FILE), result.to_json())
+    writer.commit()
+    what = ("int8 weights, int32 bias/multipliers" if kind == "integer" else
+            "packed 1-/2-bit kernels, float32 alphas, biases and float layers")
+    xnor = "" if result.xnor_test_accuracy is None else f"| XNOR/popcount | {100 * result.xnor_test_accuracy:.2f}% |\n"
+    agree = round(result.prediction_agreement * ev.images)
+    log(f"| artifact | bytes |\n|---|---|\n| float params (float32) | {result.float_params_bytes:,} |\n"
+        f"| deploy arrays ({what}) | {result.deploy_bytes:,} |\n"
+        f"| {runs.ARTIFACT_FILE} (StableHLO, arrays included) | {result.artifact_bytes:,} |\n\n"
+        f"| forward | test acc |\n|---|---|\n| fake-quant ({src.label}) | {100 * result.fake_quant_test_accuracy:.2f}% |\n"
+        f"| {'integer-only' if kind == 'integer' else 'packed deploy'} | {100 * result.deploy_test_accuracy:.2f}% |\n"
+        f"{xnor}same predicted class on {agree}/{ev.images} test images ({100 * result.prediction_agreement:.2f}%)")
+    return result
 
 
 def evaluate_artifact(config: EvalConfig, batch_size: int = EVAL_BATCH, log: Log = print) -> EvalResult:
@@ -136,5 +138,13 @@ def evaluate_artifact(config: EvalConfig, batch_size: int = EVAL_BATCH, log: Log
     forward = lambda x: exported.call(jnp.asarray(x, jnp.float32))
   batch_size = meta.get("artifact_batch") or batch_size  # a fixed-batch artifact gets its batch
   acc = evaluate({kind: forward}, dataset.x_test, dataset.y_test, batch_size).accuracy[kind]
+  recorded, n = meta.get("deploy_test_accuracy"), len(dataset.x_test)
+  if recorded is not None and n == meta.get("test_images") and meta.get("dataset") == dataset.name:
+    # The same test set as at conversion: an integer artifact is exact, so any change means the
+    # artifact or the data changed; a packed binary one computes in float32 (one image of slack).
+    slack = 0 if kind == "integer" else 1
+    if abs(round(acc * n) - round(recorded * n)) > slack:
+      raise ConfigError(f"{config.artifact} gives {100 * acc:.2f}% on the {n} test images, but {100 * recorded:.2f}% "
+                        f"was recorded when it was converted: the artifact or the test data changed")
   log(f"{meta['label']} {'integer' if kind == 'integer' else 'packed'} artifact: test accuracy {100 * acc:.2f}% on {len(dataset.x_test)} images")
   return EvalResult(label=meta["label"], kind=kind, test_accuracy=acc, test_images=len(dataset.x_test))

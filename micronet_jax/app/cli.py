@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any
 
@@ -26,10 +27,10 @@ from micronet_jax import models
 from micronet_jax._src.core.observers import OBSERVERS
 from micronet_jax._src.flax.calibrate import METHODS
 from micronet_jax.app import data as data_lib
-from micronet_jax.app import pipelines, runs
+from micronet_jax.app import parallel, pipelines, rundir, runs
 from micronet_jax.app.config import (LR_SCHEDULES, QUANT_METHODS, ConvertConfig, EvalConfig, PruneConfig,
                                      PtqConfig, TrainConfig)
-from micronet_jax.app.errors import ConfigError
+from micronet_jax.app.errors import ConfigError, Interrupted
 
 OBSERVER_CHOICES = tuple(OBSERVERS)
 
@@ -90,7 +91,15 @@ def _add_train(sub) -> None:
                  help="network-slimming sparse training: add S*sign(gamma) to every BatchNorm scale's "
                  "gradient (micronet's -sr --s S)")
   p.add_argument("--seed", type=int, default=d.seed, help="seed for init, shuffling and dropout")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing output directory (the old one is kept until the new one is complete)")
   p.add_argument("--out", default=None, help="run directory (default: runs/MODEL-QUANT-wWaA)")
+  p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                 help="continue the interrupted run RUN_DIR (killed, or stopped by Ctrl-C/SIGTERM) from its latest "
+                 "checkpoint, with its own settings, to the same result as an uninterrupted run; no other flag "
+                 "but --no-progress may be given")
+  p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",
+                 help="save a resumable checkpoint every STEPS steps (and at every epoch end); 0: epoch ends only")
   p.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
   p.add_argument("--limit-test", type=int, default=None, help="use only the first N test examples")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -123,6 +132,8 @@ def _add_ptq(sub) -> None:
   p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm separate (default: fold into convs)")
   p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files")
   p.add_argument("--seed", type=int, default=d["seed"], help="seed of the calibration batch order")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing output directory (the old one is kept until the new one is complete)")
   p.add_argument("--out", required=True, help="run directory to write")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -145,6 +156,8 @@ def _add_prune(sub) -> None:
                  help="drop pruned channels' ReLU(beta) instead of folding it into the next conv's bias "
                  "(micronet's behaviour)")
   p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files (for the accuracy report)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing output directory (the old one is kept until the new one is complete)")
   p.add_argument("--out", required=True, help="run directory to write")
 
 
@@ -162,6 +175,8 @@ def _add_convert(sub) -> None:
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   p.add_argument("--from", dest="from_run", required=True, metavar="RUN_DIR", help="iao, binary or ternary run to convert")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing output directory (the old one is kept until the new one is complete)")
   p.add_argument("--out", required=True, help="artifact directory to write")
   p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files")
 
@@ -184,7 +199,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
   given = {k: getattr(args, k) for k in (
       "model", "dataset", "data_dir", "quant", "w_bits", "a_bits", "epochs", "batch_size", "eval_batch_size",
       "lr", "lr_schedule", "weight_decay", "sparsity", "observer", "fold_bn", "qaft", "seed", "out",
-      "limit_train", "limit_test")}
+      "limit_train", "limit_test", "checkpoint_every")}
   return runs.train_config(args.from_run, model_cfg=args.cfg, **given)
 
 
@@ -285,18 +300,44 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _resume_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
+  """The config of the interrupted run ``args.resume``; any other flag given is an error."""
+  defaults = vars(parser.parse_args(["train"]))
+  given = sorted(k for k, v in vars(args).items() if k not in ("resume", "no_progress") and v != defaults.get(k))
+  if given:
+    raise ConfigError(f"--resume continues a run with its own settings; do not also give {', '.join(given)}")
+  config = runs.read_config(rundir.incomplete_dir(args.resume)) if os.path.isdir(
+      rundir.incomplete_dir(args.resume)) else None
+  if config is None:
+    done = " (it finished: nothing to resume)" if os.path.isdir(args.resume) else ""
+    raise ConfigError(f"no interrupted run to resume at {args.resume}{done}")
+  return dataclasses.replace(config, out=os.path.normpath(args.resume))
+
+
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
   try:
-    config = CONFIGS[args.command][1](args)
-    _report(pipelines.run(config, progress=not getattr(args, "no_progress", False)), config)
+    parallel.initialize_distributed()
+    resume = getattr(args, "resume", None) is not None
+    config = _resume_config(args, parser) if resume else CONFIGS[args.command][1](args)
+    result = pipelines.run(config, progress=not getattr(args, "no_progress", False),
+                           overwrite=getattr(args, "overwrite", False), resume=resume)
+    _report(result, config)
     return 0
   except (ConfigError, data_lib.DataError) as e:
     print(f"micronet-jax {args.command}: error: {e}", file=sys.stderr)
     return EXIT_USAGE
+  except Interrupted as e:
+    print(f"micronet-jax {args.command}: {e}", file=sys.stderr)
+    return e.exit_status
   except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
+    print(f"micronet-jax {args.command}: interrupted", file=sys.stderr)
     return 130
+  except OSError as e:  # a full disk, a read-only folder: what failed, and that nothing old was lost
+    print(f"micronet-jax {args.command}: error: {e.strerror or e} ({e.filename or ''}); an existing output "
+          f"directory is left as it was", file=sys.stderr)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ from micronet_jax._src.flax.centering import center_clip_projection
 from micronet_jax._src.flax.stats import model_stats
 from micronet_jax._src.flax.transform import QuantizedModel, quantize_variables, summary
 from micronet_jax._src.prune import slimming as prune_lib
-from micronet_jax.app import artifacts, recipes, runs
+from micronet_jax.app import artifacts, checkpoints, interrupt, parallel, recipes, rundir, runs
 from micronet_jax.app import data as data_lib
 from micronet_jax.app import train as train_lib
 from micronet_jax.app.config import ConvertConfig, EvalConfig, PruneConfig, PtqConfig, TrainConfig
@@ -55,12 +56,8 @@ def _start_variables(config: TrainConfig, net: Any, x0: jax.Array, log: Log) -> 
   return variables
 
 
-def train(config: TrainConfig, progress: bool = True, log: Log = print) -> TrainResult:
-  """Trains as ``config`` says and writes the run directory ``config.out``."""
-  dataset = data_lib.subset(data_lib.load(config.dataset, config.data_dir), config.limit_train, config.limit_test)
-  if config.batch_size > len(dataset.x_train):
-    raise ConfigError(f"batch size {config.batch_size} is larger than the training set "
-                      f"({len(dataset.x_train)} examples)")
+def _start_state(config: TrainConfig, dataset: data_lib.Dataset, log: Log) -> tuple[Any, jax.Array, Any]:
+  """(model, example input, initial TrainState) of a training run."""
   _, net = recipes.build(config, dataset.num_classes)
   x0 = config.example_input()
   try:  # micronet's centering and clipping of binary weights, after every step
@@ -75,123 +72,167 @@ def train(config: TrainConfig, progress: bool = True, log: Log = print) -> Train
   frozen = ("quant_stats", "batch_stats") if config.qaft else ()
   state = train_lib.create_train_state(net.apply, variables, recipes.optimizer(config, total_steps),
                                        seed=config.seed, frozen=frozen, project=project)
-  log(f"{config.label}: {config.model} on {config.dataset} ({len(dataset.x_train)} train / "
-      f"{len(dataset.x_test)} test, from {dataset.source}), {config.epochs} epochs, batch {config.batch_size}")
-  start = time.perf_counter()
-  state, history = train_lib.fit(state, dataset, config.epochs, config.batch_size, config.seed,
-                                 config.eval_batch_size, progress=progress, log=log)
-  accs = [h["test_accuracy"] for h in history]
-  steady = [h["seconds"] for h in history[1:]] or [history[0]["seconds"]]
-  result = TrainResult(
-      label=config.label, test_accuracy=accs[-1], best_test_accuracy=max(accs), epochs=config.epochs,
-      seconds_per_epoch=sum(steady) / len(steady), first_epoch_seconds=history[0]["seconds"],
-      total_seconds=time.perf_counter() - start, history=history,
-      model_stats=model_stats(net, state.variables, x0, train=False).row(),
-      config=dataclasses.asdict(config), versions=train_lib.package_versions(),
-  )
-  runs.write_run(config.out, config, state.variables, result.to_json())
+  return net, x0, state
+
+
+def train(config: TrainConfig, progress: bool = True, log: Log = print, *, overwrite: bool = False,
+          resume: bool = False) -> TrainResult:
+  """Trains as ``config`` says and writes the run directory ``config.out``.
+
+  The run is written in ``OUT.incomplete`` (``rundir.RunWriter``) with resumable
+  checkpoints every ``config.checkpoint_every`` steps and at each epoch end; SIGINT or
+  SIGTERM saves one and raises ``Interrupted``. ``resume`` continues such a run from its
+  latest checkpoint to the same result as an uninterrupted run. ``overwrite`` allows
+  replacing an existing ``OUT`` (kept until the new run is complete).
+  """
+  mesh = parallel.data_mesh()
+  try:
+    parallel.check_divisible(mesh, config.batch_size)
+    parallel.check_divisible(mesh, config.eval_batch_size, "eval batch size")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  with rundir.RunWriter(config.out, overwrite=overwrite, resume=resume) as writer:
+    dataset = data_lib.subset(data_lib.load(config.dataset, config.data_dir), config.limit_train, config.limit_test)
+    if config.batch_size > len(dataset.x_train):
+      raise ConfigError(f"batch size {config.batch_size} is larger than the training set "
+                        f"({len(dataset.x_train)} examples)")
+    net, x0, state = _start_state(config, dataset, log)
+    if not resume:
+      runs.write_config(writer.path, config)
+    writer.keep_on_error = True  # from here on OUT.incomplete holds a resumable run
+    devices = mesh.devices.size
+    log(f"{config.label}: {config.model} on {config.dataset} ({len(dataset.x_train)} train / "
+        f"{len(dataset.x_test)} test, from {dataset.source}), {config.epochs} epochs, batch {config.batch_size}, "
+        f"{devices} {jax.default_backend()} device{'s' if devices > 1 else ''}")
+    start = time.perf_counter()
+    with checkpoints.Progress(os.path.join(writer.path, checkpoints.PROGRESS_DIR), config.checkpoint_every) as prog, \
+         interrupt.StopOnSignal() as stop:
+      state, history = train_lib.fit(
+          state, dataset, config.epochs, config.batch_size, config.seed, config.eval_batch_size, progress=progress,
+          log=log, mesh=mesh, checkpoints=prog, on_epoch=lambda h: runs.write_epochs(writer.path, h), stop=stop,
+          resume_hint=f"continue with `micronet-jax train --resume {config.out}`")
+    runs.write_epochs(writer.path, history)
+    accs = [h["test_accuracy"] for h in history]
+    steady = [h["seconds"] for h in history[1:]] or [history[0]["seconds"]]
+    result = TrainResult(
+        label=config.label, test_accuracy=accs[-1], best_test_accuracy=max(accs), epochs=config.epochs,
+        seconds_per_epoch=sum(steady) / len(steady), first_epoch_seconds=history[0]["seconds"],
+        total_seconds=time.perf_counter() - start, history=list(history),
+        model_stats=model_stats(net, state.variables, x0, train=False).row(),
+        config=dataclasses.asdict(config), versions=train_lib.package_versions(),
+    )
+    runs.write_run_files(writer.path, config, jax.device_get(state.variables), result.to_json())
+    writer.commit(skip=(checkpoints.PROGRESS_DIR,))
   return result
 
 
-def prune(config: PruneConfig, log: Log = print) -> PruneResult:
+def prune(config: PruneConfig, log: Log = print, *, overwrite: bool = False) -> PruneResult:
   """Slims a float run and writes a run directory that ``train --from`` accepts.
 
   Reports test accuracy of the original, of the masked original (pruned channels'
   gamma zeroed, and beta too unless ``compensate_beta``: the network the pruned one
   reproduces) and of the pruned network, with parameters and size.
   """
-  src, model, variables = runs.load_run(config.from_run)
-  if src.quant != "float":
-    raise ConfigError(f"{config.from_run} is a {src.label} run; prune a float run, then quantize the pruned one")
-  try:
-    new_model, new_vars, plan = prune_lib.prune(model, variables, config.percent, config.regular,
-                                                config.compensate_beta)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-  dataset = data_lib.load(src.dataset, config.data_dir or src.data_dir)
-  x0 = src.example_input()
-  masked = prune_lib.mask_variables(model, variables, plan, zero_beta=not config.compensate_beta)
-  acc = evaluate({"before": model_forward(model, variables), "masked": model_forward(model, masked),
-                  "pruned": model_forward(new_model, new_vars)},
-                 dataset.x_test, dataset.y_test, src.eval_batch_size).accuracy
-  before, after = model_stats(model, variables, x0, train=False), model_stats(new_model, new_vars, x0, train=False)
-  out_config = dataclasses.replace(src, model_cfg=tuple(plan.cfg), from_run=config.from_run, out=config.out,
-                                   sparsity=0.0)
-  result = PruneResult(
-      label=f"pruned {config.percent:.0%}" + (f" (regular {config.regular})" if config.regular > 1 else ""),
-      percent=config.percent, regular=config.regular, threshold=plan.threshold,
-      cfg_before=list(src.model_cfg or models.get_model(src.model).cfg), cfg=list(plan.cfg),
-      # masked: what the pruned network reproduces (pruned channels' beta kept, folded into
-      # the next bias, with compensation; zeroed as micronet does without it)
-      test_accuracy_before=acc["before"], test_accuracy_masked=acc["masked"], test_accuracy=acc["pruned"],
-      model_stats_before=before.row(), model_stats=after.row(), params_removed=1 - after.params / before.params,
-      config=dataclasses.asdict(out_config), versions=train_lib.package_versions(),
-  )
-  runs.write_run(config.out, out_config, new_vars, result.to_json())
-  r = result
-  log(f"threshold |gamma| > {plan.threshold:.4g}; cfg {r.cfg_before} -> {r.cfg}\n"
-      f"| model | params | MMACs | test acc |\n|---|---|---|---|\n"
-      f"| original | {before.params:,} | {before.macs / 1e6:.2f} | {100 * r.test_accuracy_before:.2f}% |\n"
-      f"| masked (pruned gamma = 0{'' if config.compensate_beta else ', beta = 0'}) | {before.params:,} | "
-      f"{before.macs / 1e6:.2f} | {100 * r.test_accuracy_masked:.2f}% |\n"
-      f"| pruned | {after.params:,} | {after.macs / 1e6:.2f} | {100 * r.test_accuracy:.2f}% |")
-  return result
+  with rundir.RunWriter(config.out, overwrite=overwrite) as writer:
+    src, model, variables = runs.load_run(config.from_run)
+    if src.quant != "float":
+      raise ConfigError(f"{config.from_run} is a {src.label} run; prune a float run, then quantize the pruned one")
+    try:
+      new_model, new_vars, plan = prune_lib.prune(model, variables, config.percent, config.regular,
+                                                  config.compensate_beta)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+    dataset = data_lib.load(src.dataset, config.data_dir or src.data_dir)
+    x0 = src.example_input()
+    masked = prune_lib.mask_variables(model, variables, plan, zero_beta=not config.compensate_beta)
+    acc = evaluate({"before": model_forward(model, variables), "masked": model_forward(model, masked),
+                    "pruned": model_forward(new_model, new_vars)},
+                   dataset.x_test, dataset.y_test, src.eval_batch_size).accuracy
+    before, after = model_stats(model, variables, x0, train=False), model_stats(new_model, new_vars, x0, train=False)
+    out_config = dataclasses.replace(src, model_cfg=tuple(plan.cfg), from_run=config.from_run, out=config.out,
+                                     sparsity=0.0)
+    result = PruneResult(
+        label=f"pruned {config.percent:.0%}" + (f" (regular {config.regular})" if config.regular > 1 else ""),
+        percent=config.percent, regular=config.regular, threshold=plan.threshold,
+        cfg_before=list(src.model_cfg or models.get_model(src.model).cfg), cfg=list(plan.cfg),
+        # masked: what the pruned network reproduces (pruned channels' beta kept, folded into
+        # the next bias, with compensation; zeroed as micronet does without it)
+        test_accuracy_before=acc["before"], test_accuracy_masked=acc["masked"], test_accuracy=acc["pruned"],
+        model_stats_before=before.row(), model_stats=after.row(), params_removed=1 - after.params / before.params,
+        config=dataclasses.asdict(out_config), versions=train_lib.package_versions(),
+    )
+    runs.write_run_files(writer.path, out_config, new_vars, result.to_json())
+    writer.commit()
+    r = result
+    log(f"threshold |gamma| > {plan.threshold:.4g}; cfg {r.cfg_before} -> {r.cfg}\n"
+        f"| model | params | MMACs | test acc |\n|---|---|---|---|\n"
+        f"| original | {before.params:,} | {before.macs / 1e6:.2f} | {100 * r.test_accuracy_before:.2f}% |\n"
+        f"| masked (pruned gamma = 0{'' if config.compensate_beta else ', beta = 0'}) | {before.params:,} | "
+        f"{before.macs / 1e6:.2f} | {100 * r.test_accuracy_masked:.2f}% |\n"
+        f"| pruned | {after.params:,} | {after.macs / 1e6:.2f} | {100 * r.test_accuracy:.2f}% |")
+    return result
 
 
-def ptq(config: PtqConfig, progress: bool = True, log: Log = print) -> PtqResult:
+def ptq(config: PtqConfig, progress: bool = True, log: Log = print, *, overwrite: bool = False) -> PtqResult:
   """Post-training quantization of a float run: calibrate IAO observers, freeze, report.
 
   Calibration batches are ``config.batches`` shuffled training batches of
   ``config.batch_size`` (no augmentation). Reports test accuracy of the float and of the
   quantized model, and writes a run directory that ``train --from OUT --qaft`` fine-tunes.
   """
-  src, model, variables = runs.load_run(config.from_run)
-  if src.quant != "float":
-    raise ConfigError(f"{config.from_run} is a {src.label} run; PTQ starts from a float run")
-  run_config = dataclasses.replace(
-      src, quant="iao", w_bits=config.w_bits, a_bits=config.a_bits, observer=config.method, fold_bn=config.fold_bn,
-      from_run=config.from_run, out=config.out, data_dir=config.data_dir or src.data_dir, seed=config.seed)
-  dataset = data_lib.load(run_config.dataset, run_config.data_dir)
-  _, qmodel = recipes.build(run_config, dataset.num_classes)
-  x0 = run_config.example_input()
-  qvars = quantize_variables(qmodel, variables, x0, train=False)
-  if config.batches * config.batch_size > len(dataset.x_train):
-    raise ConfigError(f"{config.batches} batches of {config.batch_size} exceed the training set "
-                      f"({len(dataset.x_train)})")
-  batches = (x for x, _ in data_lib.train_batches(dataset.x_train, dataset.y_train, config.batch_size,
-                                                   seed=config.seed))
-  start = time.perf_counter()
-  qvars = calibrate(qmodel, qvars, batches, config.batches, progress=progress)
-  seconds = time.perf_counter() - start
-  acc = evaluate({"float": model_forward(model, variables), "ptq": model_forward(qmodel, qvars)},
-                 dataset.x_test, dataset.y_test, src.eval_batch_size).accuracy
-  result = PtqResult(
-      label=f"PTQ {config.method} W{config.w_bits}A{config.a_bits}" + (", BN folding on" if config.fold_bn else ""),
-      method=config.method, calibration_batches=config.batches, calibration_batch_size=config.batch_size,
-      calibration_seconds=seconds, float_test_accuracy=acc["float"], test_accuracy=acc["ptq"],
-      best_test_accuracy=acc["ptq"], model_stats=model_stats(qmodel, qvars, x0, train=False).row(),
-      config=dataclasses.asdict(run_config), versions=train_lib.package_versions(),
-  )
-  runs.write_run(config.out, run_config, qvars, result.to_json())
-  log(f"| model | test acc |\n|---|---|\n| float | {100 * result.float_test_accuracy:.2f}% |\n"
-      f"| {result.label} | {100 * result.test_accuracy:.2f}% |")
-  return result
+  with rundir.RunWriter(config.out, overwrite=overwrite) as writer:
+    src, model, variables = runs.load_run(config.from_run)
+    if src.quant != "float":
+      raise ConfigError(f"{config.from_run} is a {src.label} run; PTQ starts from a float run")
+    run_config = dataclasses.replace(
+        src, quant="iao", w_bits=config.w_bits, a_bits=config.a_bits, observer=config.method, fold_bn=config.fold_bn,
+        from_run=config.from_run, out=config.out, data_dir=config.data_dir or src.data_dir, seed=config.seed)
+    dataset = data_lib.load(run_config.dataset, run_config.data_dir)
+    _, qmodel = recipes.build(run_config, dataset.num_classes)
+    x0 = run_config.example_input()
+    qvars = quantize_variables(qmodel, variables, x0, train=False)
+    if config.batches * config.batch_size > len(dataset.x_train):
+      raise ConfigError(f"{config.batches} batches of {config.batch_size} exceed the training set "
+                        f"({len(dataset.x_train)})")
+    batches = (x for x, _ in data_lib.train_batches(dataset.x_train, dataset.y_train, config.batch_size,
+                                                     seed=config.seed))
+    start = time.perf_counter()
+    qvars = calibrate(qmodel, qvars, batches, config.batches, progress=progress)
+    seconds = time.perf_counter() - start
+    acc = evaluate({"float": model_forward(model, variables), "ptq": model_forward(qmodel, qvars)},
+                   dataset.x_test, dataset.y_test, src.eval_batch_size).accuracy
+    result = PtqResult(
+        label=f"PTQ {config.method} W{config.w_bits}A{config.a_bits}" + (", BN folding on" if config.fold_bn else ""),
+        method=config.method, calibration_batches=config.batches, calibration_batch_size=config.batch_size,
+        calibration_seconds=seconds, float_test_accuracy=acc["float"], test_accuracy=acc["ptq"],
+        best_test_accuracy=acc["ptq"], model_stats=model_stats(qmodel, qvars, x0, train=False).row(),
+        config=dataclasses.asdict(run_config), versions=train_lib.package_versions(),
+    )
+    runs.write_run_files(writer.path, run_config, qvars, result.to_json())
+    writer.commit()
+    log(f"| model | test acc |\n|---|---|\n| float | {100 * result.float_test_accuracy:.2f}% |\n"
+        f"| {result.label} | {100 * result.test_accuracy:.2f}% |")
+    return result
 
 
 Config = TrainConfig | PtqConfig | PruneConfig | ConvertConfig | EvalConfig
 Result = TrainResult | PtqResult | PruneResult | ConvertResult | EvalResult
 
 
-def run(config: Config, progress: bool = True, log: Log = print) -> Result:
-  """The pipeline of ``config``'s type, run."""
+def run(config: Config, progress: bool = True, log: Log = print, *, overwrite: bool = False,
+        resume: bool = False) -> Result:
+  """The pipeline of ``config``'s type, run. ``overwrite``: may replace an existing output
+  directory; ``resume``: continue an interrupted training run."""
+  if resume and not isinstance(config, TrainConfig):
+    raise ConfigError("only a training run can be resumed")
   if isinstance(config, TrainConfig):
-    return train(config, progress=progress, log=log)
+    return train(config, progress=progress, log=log, overwrite=overwrite, resume=resume)
   if isinstance(config, PtqConfig):
-    return ptq(config, progress=progress, log=log)
+    return ptq(config, progress=progress, log=log, overwrite=overwrite)
   if isinstance(config, PruneConfig):
-    return prune(config, log=log)
+    return prune(config, log=log, overwrite=overwrite)
   if isinstance(config, ConvertConfig):
-    return artifacts.convert(config, log=log)
+    return artifacts.convert(config, log=log, overwrite=overwrite)
   if isinstance(config, EvalConfig):
     return artifacts.evaluate_artifact(config, log=log)
   raise TypeError(f"no pipeline for a {type(config).__name__}")

@@ -1,8 +1,12 @@
 """Run directories and artifact directories: their files, writing and reading them.
 
 A run directory holds ``config.json`` (a ``TrainConfig``), ``metrics.json`` (the
-pipeline's result: accuracies, history, seconds, the config and package versions) and
-an orbax ``checkpoint/`` with every variable collection. ``train --from DIR`` starts
+pipeline's result: accuracies, history, seconds, the config and package versions),
+``metrics.jsonl`` (a training run's epoch records, one JSON object a line, written as
+they come), an orbax ``checkpoint/`` with every variable collection, and
+``manifest.json`` (the SHA-256 of every file, checked before anything is read).
+Directories are written through ``rundir.RunWriter``: never in place, never over an
+existing run without ``overwrite``. ``train --from DIR`` starts
 from another run's checkpoint, with that run's architecture (``train_config``).
 
 An artifact directory (``convert``) holds ``deploy.json`` (a ``ConvertResult``),
@@ -19,31 +23,69 @@ from typing import Any
 
 import jax
 
-from micronet_jax.app import recipes
-from micronet_jax.app import train as train_lib
+from micronet_jax.app import checkpoints, recipes, rundir
 from micronet_jax.app.config import TrainConfig, method_defaults
 from micronet_jax.app.errors import ConfigError
 
-CONFIG_FILE, METRICS_FILE = "config.json", "metrics.json"
+CONFIG_FILE, METRICS_FILE, EPOCHS_FILE = "config.json", "metrics.json", "metrics.jsonl"
 DEPLOY_FILE, ARRAYS_FILE, ARTIFACT_FILE = "deploy.json", "deploy.npz", "integer_model.jax"
 
 
 def _read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
+  """A JSON object from ``path``; a file that is not one is a ConfigError naming it."""
+  try:
+    with open(path) as f:
+      obj = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{path} is corrupted (not valid JSON: {e})") from None
+  if not isinstance(obj, dict):
+    raise ConfigError(f"{path} is corrupted (a JSON {type(obj).__name__}, not an object)")
+  return obj
+
+
+def _config_from(path: str, obj: dict) -> TrainConfig:
+  known = {f.name for f in dataclasses.fields(TrainConfig)}
+  unknown = sorted(set(obj) - known)
+  if unknown:
+    raise ConfigError(f"{path} has unknown keys {unknown} (not a micronet-jax run config, or from a newer version)")
+  try:
+    return TrainConfig(**obj)
+  except (TypeError, ValueError) as e:  # ConfigError is a ValueError: its text names the field
+    raise ConfigError(f"{path} holds an invalid run config: {e}") from None
 
 
 def read_config(run_dir: str) -> TrainConfig:
-  """The ``TrainConfig`` a run directory was made with."""
+  """The ``TrainConfig`` a run directory (or an interrupted run's ``.incomplete``) was made with."""
   path = os.path.join(run_dir, CONFIG_FILE)
   if not os.path.exists(path):
     raise ConfigError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
-  return TrainConfig(**_read_json(path))
+  return _config_from(path, _read_json(path))
 
 
 def read_metrics(run_dir: str) -> dict[str, Any]:
   """A run's ``metrics.json`` (give it to the result type's ``from_json``)."""
   return _read_json(os.path.join(run_dir, METRICS_FILE))
+
+
+def read_epochs(run_dir: str) -> list[dict[str, Any]]:
+  """A run's epoch records from ``metrics.jsonl`` (or, for older runs, ``metrics.json``'s history)."""
+  path = os.path.join(run_dir, EPOCHS_FILE)
+  if not os.path.exists(path):
+    return list(read_metrics(run_dir).get("history", []))
+  with open(path) as f:
+    try:
+      return [json.loads(line) for line in f if line.strip()]
+    except ValueError as e:
+      raise ConfigError(f"{path} is corrupted (a line is not JSON: {e})") from None
+
+
+def write_epochs(run_dir: str, history: list[dict[str, Any]]) -> None:
+  """(Re)writes ``metrics.jsonl`` with ``history``, one record a line."""
+  with open(os.path.join(run_dir, EPOCHS_FILE), "w") as f:
+    for record in history:
+      f.write(json.dumps(record, sort_keys=True) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def is_done(config: TrainConfig) -> bool:
@@ -52,39 +94,57 @@ def is_done(config: TrainConfig) -> bool:
           and os.path.exists(os.path.join(config.out, CONFIG_FILE)) and read_config(config.out) == config)
 
 
-def write_run(out: str, config: TrainConfig, variables: dict, metrics: dict) -> None:
-  """Writes a run directory: the config, the metrics and the variables' checkpoint."""
-  os.makedirs(out, exist_ok=True)
-  train_lib.write_json(os.path.join(out, CONFIG_FILE), dataclasses.asdict(config))
-  train_lib.write_json(os.path.join(out, METRICS_FILE), metrics)
-  train_lib.save_checkpoint(out, variables)
+def write_config(path: str, config: TrainConfig) -> None:
+  rundir.write_json(os.path.join(path, CONFIG_FILE), dataclasses.asdict(config))
+
+
+def write_run_files(path: str, config: TrainConfig, variables: dict, metrics: dict) -> None:
+  """Writes a run's config, metrics and variables' checkpoint into ``path`` (a
+  ``RunWriter``'s directory, renamed into place by its ``commit``)."""
+  write_config(path, config)
+  rundir.write_json(os.path.join(path, METRICS_FILE), metrics)
+  checkpoints.save_variables(path, variables)
 
 
 def load_run(run_dir: str) -> tuple[TrainConfig, Any, dict]:
-  """(config, model as trained, variables) of a run directory."""
+  """(config, model as trained, variables) of a run directory, checked against its manifest."""
+  if not os.path.isdir(run_dir):
+    hint = (f" (an interrupted run is in {rundir.incomplete_dir(run_dir)}: `micronet-jax train --resume {run_dir}`)"
+            if os.path.isdir(rundir.incomplete_dir(run_dir)) else "")
+    raise ConfigError(f"{run_dir} does not exist{hint}")
+  rundir.verify(run_dir)
   config = read_config(run_dir)
   _, net = recipes.build(config)
   x0 = config.example_input()
   like = jax.eval_shape(lambda: net.init(jax.random.key(0), x0, train=False))
   try:
-    variables = train_lib.load_checkpoint(run_dir, like)
+    variables = checkpoints.load_variables(run_dir, like)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(str(e)) from e  # the message says what; the cause, where orbax found it
+  except Exception as e:  # orbax/tensorstore errors on unreadable files: never a traceback, never used
+    raise ConfigError(f"checkpoint in {run_dir} is corrupted or unreadable ({type(e).__name__}: {e})") from e
   return config, net, variables
 
 
 def read_deploy(artifact_dir: str) -> dict[str, Any]:
-  """An artifact directory's ``deploy.json``."""
+  """An artifact directory's ``deploy.json``, after checking the directory's manifest."""
   path = os.path.join(artifact_dir, DEPLOY_FILE)
   if not os.path.exists(path):
     raise ConfigError(f"{artifact_dir} holds no converted model (no {DEPLOY_FILE})")
+  rundir.verify(artifact_dir)
   return _read_json(path)
 
 
 def read_exported(artifact_dir: str) -> jax.export.Exported:
   """The serialized deploy forward of an artifact directory."""
-  with open(os.path.join(artifact_dir, ARTIFACT_FILE), "rb") as f:
-    return jax.export.deserialize(bytearray(f.read()))
+  path = os.path.join(artifact_dir, ARTIFACT_FILE)
+  try:
+    with open(path, "rb") as f:
+      return jax.export.deserialize(bytearray(f.read()))
+  except OSError as e:
+    raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+  except Exception as e:  # flatbuffer / StableHLO parse errors of a damaged file
+    raise ConfigError(f"{path} is corrupted ({type(e).__name__}: {e})") from None
 
 
 def write_exported(artifact_dir: str, exported: jax.export.Exported) -> int:

@@ -10,8 +10,6 @@ with the host: metrics come back as device arrays and are fetched once per epoch
 from __future__ import annotations
 
 import functools
-import json
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -23,7 +21,8 @@ from flax.training import train_state
 from tqdm.auto import tqdm
 
 from micronet_jax.app import data as data_lib
-from micronet_jax._src.core.treeutil import shape_mismatches
+from micronet_jax.app import parallel
+from micronet_jax.app.errors import Interrupted
 
 Array = jax.Array
 
@@ -98,9 +97,8 @@ def _metrics(logits: Array, labels: Array, weights: Array) -> dict[str, Array]:
   }
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def train_step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
-  """One optimizer step on a batch. Returns the new state and summed batch metrics."""
+def _step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
+  """One optimizer step on a batch: the new state and the batch's summed metrics."""
   mutable = [c for c in state.model_state if c not in state.frozen]
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
@@ -120,21 +118,73 @@ def train_step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[
   return state, _metrics(logits, y, jnp.ones(y.shape, jnp.float32))
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def train_step(state: TrainState, x: Array, y: Array) -> tuple[TrainState, dict[str, Array]]:
+  """One jitted optimizer step on a batch (donates ``state``): the new state and the
+  batch's summed metrics. ``fit`` runs the same step inside ``train_chunk``'s scan."""
+  return _step(state, x, y)
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("batch_sharding",))
+def train_chunk(state: TrainState, x: Array, y: Array, order: Array,
+                batch_sharding: Any = None) -> tuple[TrainState, dict[str, Array]]:
+  """``len(order)`` optimizer steps in one ``lax.scan``, on a dataset held on device.
+
+  ``x``: (N, ...) and ``y``: (N,) the whole training set; ``order``: (steps, batch) int32
+  example indices, step ``i`` trains on ``x[order[i]]``. Returns the state and the
+  metrics summed over the steps. ``batch_sharding`` places each gathered batch (the
+  batch axis over the data mesh); the dataset itself is replicated.
+  """
+  def body(state, idx):
+    xb, yb = x[idx], y[idx]
+    if batch_sharding is not None:
+      xb = jax.lax.with_sharding_constraint(xb, batch_sharding)
+      yb = jax.lax.with_sharding_constraint(yb, batch_sharding)
+    return _step(state, xb, yb)
+
+  state, metrics = jax.lax.scan(body, state, order)
+  return state, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "steps", "batch_size"))
+def epoch_order(seed: int, epoch: int, *, n: int, steps: int, batch_size: int) -> Array:
+  """(steps, batch_size) indices of epoch ``epoch`` (0-based): a permutation of range(n)
+  drawn from (seed, epoch) on device, its remainder dropped. A function of (seed, epoch)
+  only, so a resumed run sees the same batches."""
+  key = jax.random.fold_in(jax.random.key(seed), epoch)
+  return jax.random.permutation(key, n)[: steps * batch_size].reshape(steps, batch_size).astype(jnp.int32)
+
+
 @jax.jit
 def eval_step(state: TrainState, x: Array, y: Array, mask: Array) -> dict[str, Array]:
   logits = state.apply_fn(state.variables, x, train=False)
   return _metrics(logits, y, mask)
 
 
-def _summarise(batches: list[dict[str, Array]]) -> dict[str, float]:
-  totals = jax.device_get(jax.tree.map(lambda *a: jnp.sum(jnp.stack(a)), *batches))
+def _summarise(totals: dict[str, Any]) -> dict[str, float]:
+  totals = jax.device_get(totals)
   n = float(totals["count"])
   return {"loss": float(totals["loss"]) / n, "accuracy": float(totals["correct"]) / n}
 
 
-def evaluate(state: TrainState, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> dict[str, float]:
-  """Loss and accuracy over all of (x, y), in fixed-size padded batches."""
-  return _summarise([eval_step(state, xb, yb, m) for xb, yb, m in data_lib.eval_batches(x, y, batch_size)])
+def _add(a: dict[str, Array], b: dict[str, Array]) -> dict[str, Array]:
+  return jax.tree.map(jnp.add, a, b)
+
+
+def _zero_sums() -> dict[str, Array]:
+  return {k: jnp.zeros((), jnp.float32) for k in ("loss", "correct", "count")}
+
+
+def evaluate(state: TrainState, x: np.ndarray, y: np.ndarray, batch_size: int = 1000,
+             mesh: Any = None) -> dict[str, float]:
+  """Loss and accuracy over all of (x, y), in fixed-size padded batches (sharded over
+  ``mesh``'s data axis when given)."""
+  totals = _zero_sums()
+  for xb, yb, m in data_lib.eval_batches(x, y, batch_size):
+    if mesh is not None:
+      xb, yb, m = parallel.put((xb, yb, m), parallel.batch_sharded(mesh))
+    totals = _add(totals, eval_step(state, xb, yb, m))
+  return _summarise(totals)
 
 
 def fit(
@@ -146,78 +196,104 @@ def fit(
     eval_batch_size: int = 1000,
     progress: bool = True,
     log: Callable[[str], Any] | None = print,
+    *,
+    mesh: Any = None,
+    chunk_steps: int = 100,
+    checkpoints: Any = None,
+    on_epoch: Callable[[list[dict[str, float]]], Any] | None = None,
+    stop: Any = None,
+    resume_hint: str = "",
 ) -> tuple[TrainState, list[dict[str, float]]]:
   """Trains for ``epochs`` epochs, evaluating on the test split after each one.
+
+  The training set is put on device once; every epoch is ``epoch_order``'s batches run
+  as chunks of at most ``chunk_steps`` steps inside one jitted ``lax.scan``
+  (``train_chunk``), so the host dispatches once per chunk. Chunks are aligned to
+  multiples of ``chunk_steps`` within each epoch, so where a run stops and resumes does
+  not change which steps are compiled together.
+
+  ``mesh``: a data mesh (``parallel.data_mesh``; default: one over every device); the
+  batch is sharded over it and the state replicated. ``checkpoints``: a
+  ``checkpoints.Progress``; with one, the run continues from its latest checkpoint when
+  there is one, saves every ``checkpoints.every`` steps and at each epoch end, and on a
+  ``stop`` request (``interrupt.StopOnSignal``) saves and raises ``Interrupted``.
+  ``on_epoch`` gets the records so far after each epoch (and once after a resume).
 
   Returns the final state and one record per epoch: train loss/accuracy, test
   loss/accuracy and wall-clock seconds (the first epoch includes compilation).
   """
-  history = []
-  steps = len(dataset.x_train) // batch_size
-  for epoch in range(1, epochs + 1):
-    start = time.perf_counter()
-    batches = data_lib.train_batches(dataset.x_train, dataset.y_train, batch_size, seed=seed * 100_003 + epoch)
-    metrics = []
-    for x, y in tqdm(batches, total=steps, desc=f"epoch {epoch}/{epochs}", disable=not progress, leave=False):
-      state, m = train_step(state, x, y)
-      metrics.append(m)
-    train = _summarise(metrics)
-    seconds = time.perf_counter() - start  # _summarise waited for the last step
-    test = evaluate(state, dataset.x_test, dataset.y_test, eval_batch_size)
-    record = {
-        "epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-        "test_loss": test["loss"], "test_accuracy": test["accuracy"], "seconds": seconds,
-    }
-    history.append(record)
-    if log is not None:
-      log(f"epoch {epoch:3d}  train loss {train['loss']:.4f}  train acc {train['accuracy']:.4f}  "
-          f"test acc {test['accuracy']:.4f}  ({seconds:.1f}s)")
+  mesh = parallel.data_mesh() if mesh is None else mesh
+  parallel.check_divisible(mesh, batch_size)
+  parallel.check_divisible(mesh, eval_batch_size, "eval batch size")
+  n = len(dataset.x_train)
+  steps_per_epoch = n // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch size {batch_size} is larger than the training set ({n} examples)")
+  total = epochs * steps_per_epoch
+  repl, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  state = parallel.put(state, repl)
+  x_all, y_all = parallel.put((dataset.x_train, dataset.y_train), repl)
+  sums, history, seconds = _zero_sums(), [], 0.0
+  if checkpoints is not None:
+    restored = checkpoints.restore(state, sums)
+    if restored is not None:
+      state, sums, meta = restored
+      state, sums = parallel.put((state, sums), repl)
+      history, seconds = list(meta["history"]), float(meta["epoch_seconds"])
+      if log is not None:
+        log(f"resuming at step {int(state.step)} of {total} (epoch {len(history) + 1})")
+      if on_epoch is not None:
+        on_epoch(list(history))
+
+  def meta(epoch_seconds):
+    return {"history": history, "epoch_seconds": epoch_seconds}
+
+  step = int(jax.device_get(state.step))
+  last_saved, order = step, None
+  bar = tqdm(total=total, initial=step, desc="training", unit="step", disable=not progress, leave=False)
+  try:
+    while step < total:
+      epoch, offset = divmod(step, steps_per_epoch)
+      if order is None or offset == 0:
+        order = jax.device_put(epoch_order(seed, epoch, n=n, steps=steps_per_epoch, batch_size=batch_size),
+                               parallel.batch_sharded(mesh, batch_axis=1))
+      end = min((offset // chunk_steps + 1) * chunk_steps, steps_per_epoch)
+      bar.set_description(f"epoch {epoch + 1}/{epochs}")
+      start = time.perf_counter()
+      state, m = train_chunk(state, x_all, y_all, order[offset:end], batch_sharding=shard)
+      sums = _add(sums, m)
+      jax.block_until_ready(sums)
+      seconds += time.perf_counter() - start
+      step += end - offset
+      bar.update(end - offset)
+      if end == steps_per_epoch:
+        train = _summarise(sums)
+        test = evaluate(state, dataset.x_test, dataset.y_test, eval_batch_size, mesh)
+        record = {
+            "epoch": epoch + 1, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+            "test_loss": test["loss"], "test_accuracy": test["accuracy"], "seconds": seconds,
+        }
+        history.append(record)
+        sums, seconds = _zero_sums(), 0.0
+        if log is not None:
+          log(f"epoch {epoch + 1:3d}  train loss {train['loss']:.4f}  train acc {train['accuracy']:.4f}  "
+              f"test acc {test['accuracy']:.4f}  ({record['seconds']:.1f}s)")
+        if on_epoch is not None:
+          on_epoch(list(history))
+      stopping = stop is not None and stop.requested
+      due = checkpoints is not None and (end == steps_per_epoch or stopping or
+                                         (checkpoints.every and step - last_saved >= checkpoints.every))
+      if due:
+        checkpoints.save(state, sums, meta(seconds))
+        last_saved = step
+      if stopping:
+        raise Interrupted(stop.signum, step, resume_hint)
+  finally:
+    bar.close()
   return state, history
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-CHECKPOINT_DIR = "checkpoint"
-
-
-def save_checkpoint(run_dir: str, variables: dict) -> str:
-  """Writes ``variables`` (params and every model-state collection) with orbax."""
-  import orbax.checkpoint as ocp
-
-  path = os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR))
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(path, jax.device_get(variables), force=True)
-  ckptr.wait_until_finished()
-  return path
-
-
-def load_checkpoint(run_dir: str, like: dict) -> dict:
-  """Reads variables saved by ``save_checkpoint`` into the structure of ``like``.
-
-  ``like`` is a variables tree (or its ``jax.eval_shape``) of the model the checkpoint
-  is meant for; a checkpoint from another model fails with the paths that differ.
-  """
-  import orbax.checkpoint as ocp
-
-  path = os.path.abspath(os.path.join(run_dir, CHECKPOINT_DIR))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no checkpoint in {run_dir} (expected {path})")
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like)
-  try:
-    restored = ocp.StandardCheckpointer().restore(path, target)
-  except (ValueError, KeyError) as e:
-    # chained: the message names the mismatch, the cause shows where orbax found it
-    raise ValueError(f"checkpoint {path} does not fit this model: {e}") from e
-  problems = shape_mismatches(target, restored)
-  if problems:  # orbax restores saved shapes whatever the target says
-    raise ValueError(f"checkpoint {path} does not fit this model:\n  " + "\n  ".join(problems))
-  return restored
-
-
-def write_json(path: str, obj: Any) -> None:
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
+# ----------------------------------------------------------------------------- run metadata
 
 
 def package_versions() -> dict[str, str]:
