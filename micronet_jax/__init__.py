@@ -17,6 +17,7 @@ from micronet_jax._src.core.rules import QuantRule, binary_rules, dorefa_rules, 
 from micronet_jax._src.core.ste import clipped_round_ste, round_half_away, round_ste, sign_ste
 from micronet_jax._src.deploy.binary import FusedModel, PackedKernel, deploy_binary, fuse_bn, pack_variables
 from micronet_jax._src.deploy.integer import Deploy, convert, integer_apply
+from micronet_jax._src.deploy.onnx_export import export_onnx
 from micronet_jax._src.deploy.records import (FoldedBatchNorm, InputGrid, IntAdd, IntConv, IntDense, Requant, Xnor,
                                               XnorConv, nbytes)
 from micronet_jax._src.deploy.serialize import export
@@ -50,7 +51,8 @@ __all__ = [
     # deploy
     "convert", "integer_apply", "Deploy",
     "fuse_bn", "pack_variables", "deploy_binary", "FusedModel", "PackedKernel",
-    "export", "nbytes", "IntDense", "IntConv", "IntAdd", "Requant", "InputGrid", "FoldedBatchNorm", "Xnor", "XnorConv",
+    "export", "export_onnx", "nbytes",
+    "IntDense", "IntConv", "IntAdd", "Requant", "InputGrid", "FoldedBatchNorm", "Xnor", "XnorConv",
     # pruning
     "bn_sparsity", "prune", "select_channels", "prune_variables", "mask_variables", "PrunePlan", "SlimLayer",
 ]
