@@ -34,6 +34,8 @@ from micronet_jax.app.evaluation import evaluate, model_forward
 from micronet_jax.app.results import ConvertResult, EvalResult, PruneResult, PtqResult, TrainResult
 
 Log = Callable[[str], Any]
+# Steps per jitted scan: the host dispatches once per chunk; signals and checkpoints act at chunk ends.
+CHUNK_STEPS = 100
 
 
 def _start_variables(config: TrainConfig, net: Any, x0: jax.Array, log: Log) -> dict:
@@ -110,6 +112,7 @@ def train(config: TrainConfig, progress: bool = True, log: Log = print, *, overw
       state, history = train_lib.fit(
           state, dataset, config.epochs, config.batch_size, config.seed, config.eval_batch_size, progress=progress,
           log=log, mesh=mesh, checkpoints=prog, on_epoch=lambda h: runs.write_epochs(writer.path, h), stop=stop,
+          chunk_steps=min(CHUNK_STEPS, config.checkpoint_every or CHUNK_STEPS),
           resume_hint=f"continue with `micronet-jax train --resume {config.out}`")
     runs.write_epochs(writer.path, history)
     accs = [h["test_accuracy"] for h in history]
