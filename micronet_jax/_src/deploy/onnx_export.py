@@ -21,7 +21,7 @@ the final ``logits = out_scale * float(acc)``, a float32 multiply in both runtim
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +84,34 @@ class _Writer:
     return out if isinstance(out, list) else [out]
 
 
+def function_to_onnx(fn: Callable, specs: Sequence[jax.ShapeDtypeStruct], input_names: Sequence[str],
+                     output_names: Sequence[str]) -> Any:
+  """``fn`` (JAX ops on arrays of ``specs``) as a checked ``onnx.ModelProto`` with inputs
+  ``input_names`` and outputs ``output_names``."""
+  import onnx  # an optional dependency: pip install micronet-jax[onnx]
+  from onnx import helper
+
+  closed = jax.make_jaxpr(fn)(*specs)
+  w = _Writer(onnx)
+  inputs = list(input_names)
+  outs = w.run(closed.jaxpr, closed.consts, inputs)
+  avals = [v.aval for v in closed.jaxpr.outvars]
+  if len(avals) != len(output_names):
+    raise ValueError(f"{len(avals)} outputs, {len(output_names)} names")
+  for out, name in zip(outs, output_names):
+    w.g.identity(w.g.name_of(out), name)
+
+  def info(name, a):
+    return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(a.dtype)), a.shape)
+
+  graph = helper.make_graph(w.g.nodes, "micronet_jax", [info(n, s) for n, s in zip(inputs, specs)],
+                            [info(n, a) for n, a in zip(output_names, avals)], initializer=w.g.initializers)
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="micronet_jax")
+  model.ir_version = IR_VERSION
+  onnx.checker.check_model(model)
+  return model
+
+
 def export_onnx(deploy: Deploy, input_shape: Sequence[int], *, batch_size: int = 1) -> bytes:
   """The serialized ONNX model (``onnx.ModelProto`` bytes) of ``integer_apply(deploy, .)``.
 
@@ -93,9 +121,6 @@ def export_onnx(deploy: Deploy, input_shape: Sequence[int], *, batch_size: int =
   fixed at export (the traced reshapes name it). Needs the ``onnx`` package (the
   ``onnx`` extra); checked with onnxruntime, whose outputs equal ``integer_apply``'s.
   """
-  import onnx  # an optional dependency: pip install micronet-jax[onnx]
-  from onnx import helper
-
   if not isinstance(deploy, Deploy):
     raise TypeError(f"export_onnx expects an integer Deploy (mj.convert), got {type(deploy).__name__}")
   dtype = np.uint8 if deploy.input_range[0] >= 0 else np.int8
@@ -105,20 +130,4 @@ def export_onnx(deploy: Deploy, input_shape: Sequence[int], *, batch_size: int =
     acc = integer_apply(deploy, xq, dequantize=False)
     return acc, acc * deploy.out_scale  # integer_apply's own dequantization
 
-  closed = jax.make_jaxpr(forward)(spec)
-  w = _Writer(onnx)
-  outs = w.run(closed.jaxpr, closed.consts, ["x"])
-  names = []
-  for out, name in zip(outs, ("acc", "logits")):
-    names.append(w.g.identity(w.g.name_of(out), name))
-  avals = [v.aval for v in closed.jaxpr.outvars]
-  graph = helper.make_graph(
-      w.g.nodes, "micronet_jax_integer_deploy",
-      [helper.make_tensor_value_info("x", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), spec.shape)],
-      [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.dtype(a.dtype)), a.shape)
-       for n, a in zip(names, avals)],
-      initializer=w.g.initializers)
-  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="micronet_jax")
-  model.ir_version = IR_VERSION
-  onnx.checker.check_model(model)
-  return model.SerializeToString()
+  return function_to_onnx(forward, [spec], ["x"], ["acc", "logits"]).SerializeToString()
