@@ -4,6 +4,7 @@
     _src/flax     the Flax seam and everything that wires quantizers into Linen models
     _src/deploy   integer and packed-binary deploy, from the flax layer's plan
     _src/prune    network slimming
+    _src/nnx      Flax NNX: quantized NNX layers on the Linen ones, a Linen view for plan and deploy
     micronet_jax  the curated public API (__init__, ops)
     models        the model zoo, built on the public API
     app           training loop, data, runs and the CLI: may use everything
@@ -26,9 +27,10 @@ ALLOWED = {  # layer -> the layers it may import (its own included)
     "_src.flax": {"_src.core", "_src.flax"},
     "_src.deploy": {"_src.core", "_src.flax", "_src.deploy"},
     "_src.prune": {"_src.core", "_src.flax", "_src.prune"},
-    "api": {"_src.core", "_src.flax", "_src.deploy", "_src.prune", "api"},
+    "_src.nnx": {"_src.core", "_src.flax", "_src.deploy", "_src.nnx"},  # NNX reuses the Linen plan and deploy
+    "api": {"_src.core", "_src.flax", "_src.deploy", "_src.prune", "_src.nnx", "api"},
     "models": {"api", "models"},
-    "app": {"_src.core", "_src.flax", "_src.deploy", "_src.prune", "api", "models", "app"},
+    "app": {"_src.core", "_src.flax", "_src.deploy", "_src.prune", "_src.nnx", "api", "models", "app"},
 }
 
 

@@ -1,0 +1,125 @@
+"""What the NNX side needs to know about Flax: graph paths, swapping a node, each NNX
+layer's Linen equivalent, and an NNX model's state as Linen variables.
+
+NNX and Linen name the same layer the same way: ``nnx.Linear``/``nnx.Conv``/
+``nnx.ConvTranspose`` hold ``kernel`` and ``bias``, ``nnx.BatchNorm`` holds ``scale``,
+``bias``, ``mean`` and ``var``, exactly the names of ``nn.Dense``/``nn.Conv``/
+``nn.ConvTranspose``/``nn.BatchNorm``. So an NNX layer at graph path ('block', 0,
+'conv') is the Linen layer at module path 'block/0/conv', and the NNX model's state is
+the Linen variables ``{'params', 'batch_stats', 'quant_stats'}`` with the same paths
+(``linen_variables``). That correspondence is the whole bridge: the quantized NNX
+layers compute with the Linen quantized layers on their own variables, and the plan,
+``summary`` and ``convert`` run on a Linen view of the NNX model (``twin.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+from flax import nnx
+from flax.nnx.nn import dtypes
+
+Array = jax.Array
+Path = tuple[Any, ...]
+
+
+class QuantStats(nnx.Variable):
+  """Observed quantizer statistics (ranges), never trained: a layer's ``quant_stats``
+  attribute holds ``{role: stats}`` as Linen's ``quant_stats/<layer>`` does. Filter them
+  with ``nnx.state(model, QuantStats)``."""
+
+
+def path_str(path: Path) -> str:
+  """('block', 0, 'conv') -> 'block/0/conv': the Linen module path of an NNX node."""
+  return "/".join(str(k) for k in path)
+
+
+def iter_modules(model: nnx.Module) -> Iterator[tuple[Path, nnx.Module]]:
+  """(graph path, module) of every module reachable from ``model`` (itself included),
+  each shared module once, at its first path."""
+  seen: set[int] = set()
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module) and id(node) not in seen:
+      seen.add(id(node))
+      yield tuple(path), node
+
+
+def set_node(root: nnx.Module, path: Path, new: Any) -> None:
+  """Puts ``new`` at ``path`` (an attribute, or an index of an ``nnx.List``/dict)."""
+  parent = root
+  for k in path[:-1]:
+    parent = parent[k] if isinstance(k, int) or not hasattr(parent, str(k)) else getattr(parent, k)
+  key = path[-1]
+  if isinstance(key, int) or (hasattr(parent, "__setitem__") and not hasattr(parent, str(key))):
+    parent[key] = new
+  else:
+    setattr(parent, key, new)
+
+
+# ----------------------------------------------------------------------------- Linen fields
+
+_COMMON = ("use_bias", "dtype", "param_dtype", "precision")
+
+
+def _check(m: nnx.Module, path: str) -> None:
+  """Options the Linen layers cannot reproduce fail here, by name, instead of computing
+  something else."""
+  if getattr(m, "preferred_element_type", None) is not None:
+    raise NotImplementedError(f"{path} ({type(m).__name__}): preferred_element_type is not supported by "
+                              "the quantized layers")
+  if getattr(m, "promote_dtype", dtypes.promote_dtype) is not dtypes.promote_dtype:
+    raise NotImplementedError(f"{path} ({type(m).__name__}): a custom promote_dtype is not supported")
+
+
+def linen_layer(m: nnx.Module, path: str = "") -> tuple[type, dict[str, Any]]:
+  """(Linen class, constructor fields) of the Linen layer that computes what ``m`` does
+  on the same ``kernel``/``bias`` (or BatchNorm variables)."""
+  if isinstance(m, nnx.BatchNorm):
+    return nn.BatchNorm, dict(
+        use_running_average=m.use_running_average, axis=m.axis, momentum=m.momentum, epsilon=m.epsilon,
+        dtype=m.dtype, param_dtype=m.param_dtype, use_bias=m.use_bias, use_scale=m.use_scale,
+        axis_name=m.axis_name, axis_index_groups=m.axis_index_groups, use_fast_variance=m.use_fast_variance)
+  _check(m, path)
+  fields = {k: getattr(m, k) for k in _COMMON}
+  if isinstance(m, nnx.Linear):
+    if m.dot_general is not jax.lax.dot_general:
+      fields["dot_general"] = m.dot_general
+    return nn.Dense, dict(features=m.out_features, **fields)
+  if isinstance(m, nnx.Conv):
+    if m.conv_general_dilated is not jax.lax.conv_general_dilated:
+      fields["conv_general_dilated"] = m.conv_general_dilated
+    return nn.Conv, dict(features=m.out_features, kernel_size=m.kernel_size, strides=m.strides, padding=m.padding,
+                         input_dilation=m.input_dilation, kernel_dilation=m.kernel_dilation,
+                         feature_group_count=m.feature_group_count, mask=m.mask, **fields)
+  if isinstance(m, nnx.ConvTranspose):
+    return nn.ConvTranspose, dict(features=m.out_features, kernel_size=m.kernel_size, strides=m.strides,
+                                  padding=m.padding, kernel_dilation=m.kernel_dilation, mask=m.mask,
+                                  transpose_kernel=m.transpose_kernel, **fields)
+  raise TypeError(f"{path}: no Linen equivalent for {type(m).__name__}")
+
+
+# ----------------------------------------------------------------------------- variables
+
+COLLECTIONS = ((nnx.Param, "params"), (nnx.BatchStat, "batch_stats"), (QuantStats, "quant_stats"))
+
+
+def _nest(tree: dict, path: Path, value: Any) -> None:
+  for k in path[:-1]:
+    tree = tree.setdefault(str(k), {})
+  tree[str(path[-1])] = value
+
+
+def linen_variables(model: nnx.Module) -> dict[str, dict]:
+  """The NNX model's state as Linen variables: ``params`` (``nnx.Param``), ``batch_stats``
+  (``nnx.BatchStat``) and ``quant_stats`` (``QuantStats``, whose ``{role: stats}`` value
+  becomes ``quant_stats/<layer>``), with the graph paths as module paths."""
+  out: dict[str, dict] = {}
+  for var_type, col in COLLECTIONS:
+    flat = nnx.to_flat_state(nnx.state(model, var_type))
+    for path, var in flat:
+      if col == "quant_stats":  # the attribute is the collection: its dict is the layer's subtree
+        path = path[:-1]
+      _nest(out.setdefault(col, {}), path, var.get_value() if hasattr(var, "get_value") else var.value)
+  return out

@@ -1,0 +1,135 @@
+"""A Linen view of an NNX model, for everything that reads a model through Linen.
+
+``twin(model)`` returns a Linen module that runs the NNX model's own ``__call__`` with
+every dense/conv/conv-transpose layer, BatchNorm and marked ``Add`` answered by the
+Linen layer (``nn.Dense``, ``nn.Conv``, ``nn.ConvTranspose``, ``nn.BatchNorm``,
+``ops.Add``) bound at the Linen path of the NNX graph path ('block/0/conv'). Its
+variables are ``bridge.linen_variables(model)`` restricted to those layers. So the
+plan (``record``/``decide``), ``summary``, ``quantize_variables``, ``convert``,
+``integer_apply`` and the tag trace, all written against Linen's interceptors, run on
+the NNX model's code unchanged. The twin is only ever evaluated (``train=False`` puts
+the NNX copy in ``eval()`` mode); training runs the NNX model itself.
+
+Only layers of exactly these types (or the quantized ones of ``layers.py``) are answered
+by Linen; a user subclass of ``nnx.Linear`` runs its own code and stays float, as a
+subclassed Linen layer does (``plan.decide``). The state of every other module
+(``nnx.LayerNorm``, a bare ``nnx.Param``) is a constant of the twin.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+from flax import nnx
+
+from micronet_jax._src.deploy.graph import get_path, set_path
+from micronet_jax._src.flax import ops
+from micronet_jax._src.nnx import layers
+from micronet_jax._src.nnx.bridge import iter_modules, linen_layer, linen_variables, path_str, set_node
+
+FLOAT = (nnx.Linear, nnx.Conv, nnx.ConvTranspose, nnx.BatchNorm, layers.Add)
+QUANTIZED = (layers.QuantLinear, layers.QuantConv, layers.QuantConvTranspose, layers.FoldedBatchNorm,
+             layers.QuantAdd)
+_CALLS: list[tuple[nn.Module, dict]] = []  # the running twins: (root module, path -> bound Linen layer)
+
+
+def answered(m: Any) -> bool:
+  """Whether the twin answers ``m`` with a Linen layer."""
+  return type(m) in FLOAT or type(m) in QUANTIZED
+
+
+class _Fields:
+  """Constructor fields, static in the NNX graph (hashed by identity: a conv mask is an array)."""
+
+  def __init__(self, cls: type, fields: dict):
+    self.cls, self.fields = cls, fields
+
+
+class _ToLinen(nnx.Module):
+  """Stands for a layer in the twin's NNX copy: calls the Linen layer at ``path``."""
+
+  def __init__(self, path: str, cls: type, fields: dict):
+    self.path, self.spec = path, _Fields(cls, {k: v for k, v in fields.items() if k != "use_running_average"})
+    if cls is nn.BatchNorm:
+      self.use_running_average = fields["use_running_average"]  # set by eval()/train()
+
+  def __call__(self, *args, **kwargs):
+    root, bound = _CALLS[-1]
+    layer = bound.get(self.path)
+    if layer is None:  # one bound instance per path and call, so a shared layer is called twice
+      scope = root.scope
+      for name in self.path.split("/") if self.path else ():
+        scope = scope.push(name, reuse=True)
+      extra = {"use_running_average": self.use_running_average} if self.spec.cls is nn.BatchNorm else {}
+      layer = bound[self.path] = self.spec.cls(**self.spec.fields, **extra, parent=scope)
+    return layer(*args, **kwargs)
+
+
+class _Box:
+  """The twin's constant NNX state (arrays: hashed by identity)."""
+
+  def __init__(self, state: Any):
+    self.state = state
+
+
+class LinenTwin(nn.Module):
+  """See the module docstring. ``train`` (default False) is the NNX copy's mode."""
+
+  graphdef: Any
+  rest: _Box
+  paths: tuple[str, ...]
+
+  @nn.compact
+  def __call__(self, *args, train: bool = False, **kwargs):
+    model = nnx.merge(self.graphdef, self.rest.state)
+    model.train() if train else model.eval()
+    _CALLS.append((self, {}))
+    try:
+      return model(*args, **kwargs)
+    finally:
+      _CALLS.pop()
+
+
+def _linen_of(m: nnx.Module, path: str) -> tuple[type, dict]:
+  if isinstance(m, layers.Add):
+    return ops.Add, {}
+  return linen_layer(m, path)
+
+
+def twin(model: nnx.Module) -> LinenTwin:
+  """The Linen view of ``model`` (which is not changed)."""
+  copy = nnx.merge(*nnx.split(model))
+  paths: dict[int, list] = {}
+  nodes: dict[int, nnx.Module] = {}
+  for path, node in nnx.iter_graph(copy):
+    if answered(node):
+      paths.setdefault(id(node), []).append(tuple(path))
+      nodes[id(node)] = node
+  if () in [p for ps in paths.values() for p in ps]:
+    raise TypeError(f"the model is a bare {type(model).__name__}: wrap it in an nnx.Module")
+  for key, node in nodes.items():
+    first = path_str(paths[key][0])
+    stand_in = _ToLinen(first, *_linen_of(node, first))
+    for p in paths[key]:
+      set_node(copy, p, stand_in)
+  graphdef, rest = nnx.split(copy)
+  return LinenTwin(graphdef, _Box(rest), tuple(sorted(path_str(ps[0]) for ps in paths.values())))
+
+
+def twin_variables(model: nnx.Module, tw: LinenTwin) -> dict:
+  """``linen_variables(model)`` restricted to the layers the twin answers."""
+  full = linen_variables(model)
+  out: dict[str, dict] = {}
+  for col, tree in full.items():
+    for p in tw.paths:
+      sub = get_path(tree, p)
+      if sub is not None:
+        out[col] = set_path(out.get(col, {}), p, sub)
+  return out
+
+
+def graph_paths(model: nnx.Module) -> dict[str, tuple]:
+  """Linen path -> NNX graph path of every module, first path of a shared one."""
+  return {path_str(p): p for p, _ in iter_modules(model)}
+

@@ -1,0 +1,348 @@
+"""Flax NNX: an unmodified nnx.Module quantized with the Linen rules and specs.
+
+Parity is exact: the NNX model and the Linen model with the same weights give equal
+outputs, gradients and updated statistics for DoReFa W4A4, IAO W8A8 with BatchNorm
+folding and binary, on LeNet and on a small residual net (nested, with a marked add).
+"""
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import micronet_jax as mj
+import micronet_jax.nnx as mjn
+from micronet_jax import ops
+from micronet_jax.models import LeNet
+
+X28 = jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
+X8 = jax.random.normal(jax.random.key(2), (6, 8, 8, 3))
+Y = jnp.arange(8) % 10
+identity = lambda x: x  # noqa: E731
+
+
+class NNXLeNet(nnx.Module):
+  """micronet_jax.models.LeNet in NNX (attributes named as Linen names the layers)."""
+
+  def __init__(self, rngs: nnx.Rngs, act: Callable = nnx.relu, dropout_rate: float = 0.0):
+    self.Conv_0 = nnx.Conv(1, 10, (5, 5), padding="VALID", rngs=rngs)
+    self.Conv_1 = nnx.Conv(10, 20, (5, 5), padding="VALID", rngs=rngs)
+    self.Dense_0 = nnx.Linear(320, 50, rngs=rngs)
+    self.Dropout_0 = nnx.Dropout(dropout_rate, rngs=rngs)
+    self.Dense_1 = nnx.Linear(50, 10, rngs=rngs)
+    self.act = act
+
+  def __call__(self, x):
+    x = self.act(nn.max_pool(self.Conv_0(x), (2, 2), strides=(2, 2)))
+    x = self.act(nn.max_pool(self.Conv_1(x), (2, 2), strides=(2, 2)))
+    x = self.act(self.Dense_0(x.reshape((x.shape[0], -1))))
+    return self.Dense_1(self.Dropout_0(x))
+
+
+class NNXBlock(nnx.Module):
+
+  def __init__(self, c: int, rngs: nnx.Rngs, act: Callable):
+    self.conv1 = nnx.Conv(c, c, (3, 3), use_bias=False, rngs=rngs)
+    self.bn1 = nnx.BatchNorm(c, rngs=rngs)
+    self.conv2 = nnx.Conv(c, c, (3, 3), use_bias=False, rngs=rngs)
+    self.bn2 = nnx.BatchNorm(c, rngs=rngs)
+    self.add = mjn.Add()
+    self.act = act
+
+  def __call__(self, x):
+    y = self.act(self.bn1(self.conv1(x)))
+    return self.act(self.add(x, self.bn2(self.conv2(y))))
+
+
+class NNXResNet(nnx.Module):
+  """stem conv+BN, one residual block (nested), global average, dense head."""
+
+  def __init__(self, rngs: nnx.Rngs, act: Callable = nnx.relu):
+    self.stem = nnx.Conv(3, 8, (3, 3), use_bias=False, rngs=rngs)
+    self.stem_bn = nnx.BatchNorm(8, rngs=rngs)
+    self.block = NNXBlock(8, rngs, act)
+    self.head = nnx.Linear(8, 10, rngs=rngs)
+    self.act = act
+
+  def __call__(self, x):
+    x = self.block(self.act(self.stem_bn(self.stem(x))))
+    return self.head(ops.global_avg_pool(x))
+
+
+class LinenBlock(nn.Module):
+  act: Callable
+
+  @nn.compact
+  def __call__(self, x, train):
+    bn = lambda name: nn.BatchNorm(use_running_average=not train, name=name)  # noqa: E731
+    y = self.act(bn("bn1")(nn.Conv(8, (3, 3), use_bias=False, name="conv1")(x)))
+    y = bn("bn2")(nn.Conv(8, (3, 3), use_bias=False, name="conv2")(y))
+    return self.act(ops.Add(name="add")(x, y))
+
+
+class LinenResNet(nn.Module):
+  act: Callable = nn.relu
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(8, (3, 3), use_bias=False, name="stem")(x)
+    x = self.act(nn.BatchNorm(use_running_average=not train, name="stem_bn")(x))
+    x = LinenBlock(self.act, name="block")(x, train)
+    return nn.Dense(10, name="head")(ops.global_avg_pool(x))
+
+
+def _bn_stats_off_init(model: nnx.Module) -> nnx.Module:
+  """Non-trivial BatchNorm parameters and statistics, so that folding is exercised."""
+  bns = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
+  for i, m in enumerate(bns):
+    if True:
+      c = m.num_features
+      m.scale.set_value(1 + 0.1 * jnp.sin(jnp.arange(c) + i))
+      m.bias.set_value(0.05 * jnp.cos(jnp.arange(c) + i))
+      m.mean.set_value(0.02 * jnp.arange(c))
+      m.var.set_value(1 + 0.03 * jnp.arange(c))
+  return model
+
+
+CASES = {
+    "lenet-dorefa": (lambda: NNXLeNet(nnx.Rngs(0)), LeNet(dropout_rate=0.0), mj.dorefa_rules(4, 4), X28),
+    "lenet-iao": (lambda: NNXLeNet(nnx.Rngs(0)), LeNet(dropout_rate=0.0), mj.iao_rules(8, 8), X28),
+    "lenet-binary": (lambda: NNXLeNet(nnx.Rngs(0), act=identity), LeNet(act=identity, dropout_rate=0.0),
+                     mj.binary_rules(layers="all"), X28),
+    "resnet-dorefa": (lambda: _bn_stats_off_init(NNXResNet(nnx.Rngs(0))), LinenResNet(), mj.dorefa_rules(4, 4), X8),
+    "resnet-iao-fold": (lambda: _bn_stats_off_init(NNXResNet(nnx.Rngs(0))), LinenResNet(),
+                        mj.iao_rules(8, 8, fold_bn=True), X8),
+    "resnet-binary": (lambda: _bn_stats_off_init(NNXResNet(nnx.Rngs(0), act=identity)), LinenResNet(act=identity),
+                      mj.binary_rules(), X8),
+}
+
+
+def _ce(logits, y):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y[: logits.shape[0]]).mean()
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_nnx_and_linen_agree_exactly(case):
+  make, linen_model, rules, x = CASES[case]
+  float_model = make()
+  q = mjn.quantize(float_model, rules, x)
+  lq = mj.quantize_model(linen_model, rules)
+  assert [(p.path, p.weight, p.act, p.folded_bn) for p in mjn.plan(q, x)] == \
+         [(p.path, p.weight, p.act, p.folded_bn) for p in lq.plan(x)]
+  v = mjn.linen_variables(q)
+  _assert_trees_equal(v, mj.quantize_variables(lq, mjn.linen_variables(float_model), x))  # the same init
+
+  mutable = [c for c in ("batch_stats", "quant_stats") if c in v]
+
+  def linen_loss(params):
+    out, upd = lq.apply({**v, "params": params}, x, train=True, mutable=mutable)
+    return _ce(out, Y), (out, upd)
+
+  (l_lin, (out_lin, upd_lin)), g_lin = jax.value_and_grad(linen_loss, has_aux=True)(v["params"])
+  q.train()
+  (l_nnx, out_nnx), g_nnx = nnx.value_and_grad(lambda m: (lambda o: (_ce(o, Y), o))(m(x)), has_aux=True)(q)
+  np.testing.assert_array_equal(out_nnx, out_lin)
+  assert float(l_nnx) == float(l_lin)
+  _assert_trees_equal(nnx.to_pure_dict(g_nnx), g_lin)
+  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_lin))
+  after = mjn.linen_variables(q)  # the observers and running statistics moved as Linen's did
+  for col in mutable:
+    _assert_trees_equal(after[col], upd_lin[col])
+
+  q.eval()
+  want = lq.apply({**v, **upd_lin}, x, train=False)
+  np.testing.assert_array_equal(q(x), want)
+  _assert_trees_equal(mjn.linen_variables(q), after)  # evaluation moves nothing
+
+
+def test_paths_and_float_state_are_kept():
+  model = NNXResNet(nnx.Rngs(0))
+  q = mjn.quantize(model, mj.iao_rules(8, 8, fold_bn=True), X8)
+  flat = lambda s: {k for k, _ in nnx.to_flat_state(s)}  # noqa: E731
+  assert flat(nnx.state(q, nnx.Param)) == flat(nnx.state(model, nnx.Param))
+  assert flat(nnx.state(q, nnx.BatchStat)) == flat(nnx.state(model, nnx.BatchStat))
+  assert flat(nnx.state(q, mjn.QuantStats)) == {("stem", "quant_stats"), ("block", "conv1", "quant_stats"),
+                                                 ("block", "conv2", "quant_stats"), ("block", "add", "quant_stats"),
+                                                 ("head", "quant_stats")}
+  assert isinstance(q.block.conv1, mjn.QuantConv) and isinstance(q.block.bn1, mjn.FoldedBatchNorm)
+  assert type(model.block.conv1) is nnx.Conv  # the float model is untouched
+  other = NNXResNet(nnx.Rngs(7))  # a float checkpoint loads with no renaming
+  nnx.update(q, nnx.state(other, nnx.Param))
+  np.testing.assert_array_equal(q.block.conv1.kernel.get_value(), other.block.conv1.kernel.get_value())
+  summary = mjn.summary(q, X8)
+  assert "block/conv1" in summary and "BatchNorm folded" in summary and "5 of 5 layers quantized" in summary
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedStep:
+  """A quantizer with a learned step (as in test_protocol): x_q = r(clip(x / s)) s."""
+
+  bits: int = 4
+
+  def init(self, x, channel_axis):
+    return mj.QState(params={"step": 2 * jnp.mean(jnp.abs(x)) / np.sqrt(7)})
+
+  def apply(self, x, qstate, *, channel_axis, update):
+    s = qstate.params["step"]
+    return mj.round_ste(jnp.clip(x / s, -8, 7)) * s, qstate.stats
+
+
+def test_learned_quantizer_params_are_nnx_params_and_train():
+  q = mjn.quantize(NNXLeNet(nnx.Rngs(0)), [mj.QuantRule(weight=LearnedStep(), act=LearnedStep())], X28)
+  steps = {k for k, _ in nnx.to_flat_state(nnx.state(q, nnx.Param)) if k[-1].endswith("_step")}
+  assert steps == {(layer, f"{role}_step") for layer in ("Conv_0", "Conv_1", "Dense_0", "Dense_1")
+                   for role in ("input", "kernel")}
+  np.testing.assert_allclose(q.Dense_0.kernel_step.get_value(),
+                             2 * jnp.mean(jnp.abs(q.Dense_0.kernel.get_value())) / np.sqrt(7), rtol=1e-6)
+  opt = nnx.Optimizer(q, optax.adam(1e-2), wrt=nnx.Param)
+  before = float(q.Dense_0.kernel_step.get_value())
+  grads = nnx.grad(lambda m: _ce(m(X28), Y))(q)
+  assert float(jnp.abs(grads["Dense_0"]["kernel_step"].get_value())) > 0
+  opt.update(q, grads)
+  assert float(q.Dense_0.kernel_step.get_value()) != before
+
+
+def test_statistics_move_only_in_training_mode():
+  q = mjn.quantize(NNXLeNet(nnx.Rngs(0)), mj.iao_rules(8, 8), X28)
+  empty = nnx.state(q, mjn.QuantStats)
+  assert not bool(q.Conv_0.quant_stats.get_value()["input"].initialized)
+  q.eval()
+  q(X28)
+  _assert_trees_equal(nnx.state(q, mjn.QuantStats), empty)
+  q.train()
+  q(X28)
+  r = q.Conv_0.quant_stats.get_value()["input"]
+  assert bool(r.initialized)
+  np.testing.assert_allclose([r.min, r.max], [X28.min(), X28.max()], rtol=1e-6)
+
+
+def _qat(q, steps, x, y, use_nnx_jit):
+  """A few QAT steps with Adam: nnx.Optimizer + nnx.jit, or split/merge + jax.jit."""
+  q.train()
+  tx = optax.adam(1e-3)
+  losses = []
+  if use_nnx_jit:
+    opt = nnx.Optimizer(q, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(m, opt, x, y):
+      loss, g = nnx.value_and_grad(lambda m: _ce(m(x), y))(m)
+      opt.update(m, g)
+      return loss
+
+    for _ in range(steps):
+      losses.append(float(step(q, opt, x, y)))
+    return q, losses
+  graphdef, params, rest = nnx.split(q, nnx.Param, ...)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def jstep(params, rest, opt_state, x, y):
+    m = nnx.merge(graphdef, params, rest)
+    loss, g = nnx.value_and_grad(lambda m: _ce(m(x), y))(m)
+    p = nnx.state(m, nnx.Param)
+    updates, opt_state = tx.update(g, opt_state, p)
+    nnx.update(m, optax.apply_updates(p, updates))
+    _, params, rest = nnx.split(m, nnx.Param, ...)
+    return params, rest, opt_state, loss
+
+  for _ in range(steps):
+    params, rest, opt_state, loss = jstep(params, rest, opt_state, x, y)
+    losses.append(float(loss))
+  return nnx.merge(graphdef, params, rest), losses
+
+
+def test_qat_with_nnx_jit_and_with_split_merge_jax_jit_agree():
+  make = lambda: mjn.quantize(_bn_stats_off_init(NNXResNet(nnx.Rngs(0))), mj.iao_rules(8, 8, fold_bn=True), X8)  # noqa: E731
+  y = Y[:6]
+  a, la = _qat(make(), 5, X8, y, use_nnx_jit=True)
+  b, lb = _qat(make(), 5, X8, y, use_nnx_jit=False)
+  assert la[-1] < la[0]
+  np.testing.assert_allclose(la, lb, rtol=1e-5)
+  for u, w in zip(jax.tree.leaves(mjn.linen_variables(a)), jax.tree.leaves(mjn.linen_variables(b))):
+    np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(w, np.float32), rtol=1e-4, atol=1e-5)
+
+
+def test_calibrate_matches_linen_calibrate():
+  model = _bn_stats_off_init(NNXResNet(nnx.Rngs(0)))
+  rules = mj.ptq_rules("minmax", fold_bn=True)
+  q = mjn.quantize(model, rules, X8)
+  lq = mj.quantize_model(LinenResNet(), rules)
+  batches = [X8, 0.5 * X8 + 1]
+  v = mj.calibrate(lq, mjn.linen_variables(q), batches)
+  mjn.calibrate(q, batches)
+  _assert_trees_equal(mjn.linen_variables(q), v)  # observers moved, BatchNorm statistics did not
+  np.testing.assert_array_equal(q(X8), lq.apply(v, X8))
+
+
+def test_convert_is_the_linen_deploy_and_agrees_with_the_fake_quant_forward():
+  model = _bn_stats_off_init(NNXResNet(nnx.Rngs(0)))
+  rules = mj.iao_rules(8, 8, fold_bn=True)
+  q = mjn.calibrate(mjn.quantize(model, rules, X8), [X8])
+  x = jax.random.normal(jax.random.key(5), (64, 8, 8, 3))
+  d = mjn.convert(q, x)
+  lq = mj.quantize_model(LinenResNet(), rules)
+  d_lin = mj.convert(lq, mjn.linen_variables(q), x)
+  for k, arr in d_lin.flat_arrays().items():
+    np.testing.assert_array_equal(d.flat_arrays()[k], arr)
+  logits = jax.jit(mj.integer_apply)(d, d.quantize_input(x))
+  np.testing.assert_array_equal(logits, mj.integer_apply(d_lin, d_lin.quantize_input(x)))
+  fake = q(x)
+  assert float(jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(fake, -1))) >= 0.999
+  np.testing.assert_allclose(logits, fake, atol=0.05 * float(jnp.abs(fake).max()))
+
+
+def test_bad_input_fails_early_with_a_message():
+  with pytest.raises(TypeError, match="nnx.Module"):
+    mjn.quantize(LeNet(), mj.iao_rules(), X28)
+  with pytest.raises(TypeError, match="QuantRule"):
+    mjn.quantize(NNXLeNet(nnx.Rngs(0)), [mj.AffineWeight(8)], X28)
+  q = mjn.quantize(NNXLeNet(nnx.Rngs(0)), mj.iao_rules(), X28)
+  with pytest.raises(ValueError, match="already quantized"):
+    mjn.quantize(q, mj.iao_rules(), X28)
+  with pytest.raises(ValueError, match="not quantized"):
+    mjn.summary(NNXLeNet(nnx.Rngs(0)), X28)
+  with pytest.raises(ValueError, match="observer never saw data"):
+    mjn.convert(q, X28)
+
+
+@pytest.mark.realdata
+def test_qat_on_fashion_mnist_lowers_the_loss_and_converts(fashion_mnist_small):
+  ds = fashion_mnist_small
+  x, y = jnp.asarray(ds.x_train[:512]), jnp.asarray(ds.y_train[:512])
+  q = mjn.quantize(NNXLeNet(nnx.Rngs(0), dropout_rate=0.0), mj.iao_rules(8, 8), x[:64])
+  q.train()
+  opt = nnx.Optimizer(q, optax.adam(2e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(m, opt, xb, yb):
+    loss, g = nnx.value_and_grad(lambda m: _ce(m(xb), yb))(m)
+    opt.update(m, g)
+    return loss
+
+  full_loss = nnx.jit(lambda m: _ce(m(x), y))
+  q.eval()
+  before = float(full_loss(q))
+  q.train()
+  for epoch in range(3):
+    for i in range(0, 512, 64):
+      step(q, opt, x[i:i + 64], y[i:i + 64])
+  q.eval()
+  assert float(full_loss(q)) < 0.7 * before
+  xt = jnp.asarray(ds.x_test[:1000])
+  d = mjn.convert(q, xt[:64])
+  pred_int = jnp.argmax(jax.jit(mj.integer_apply)(d, d.quantize_input(xt)), -1)
+  pred_fake = jnp.argmax(nnx.jit(lambda m, x: m(x))(q, xt), -1)
+  assert float(jnp.mean(pred_int == pred_fake)) >= 0.999
