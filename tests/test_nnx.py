@@ -101,12 +101,11 @@ def _bn_stats_off_init(model: nnx.Module) -> nnx.Module:
   """Non-trivial BatchNorm parameters and statistics, so that folding is exercised."""
   bns = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.BatchNorm)]
   for i, m in enumerate(bns):
-    if True:
-      c = m.num_features
-      m.scale.set_value(1 + 0.1 * jnp.sin(jnp.arange(c) + i))
-      m.bias.set_value(0.05 * jnp.cos(jnp.arange(c) + i))
-      m.mean.set_value(0.02 * jnp.arange(c))
-      m.var.set_value(1 + 0.03 * jnp.arange(c))
+    c = m.num_features
+    m.scale.set_value(1 + 0.1 * jnp.sin(jnp.arange(c) + i))
+    m.bias.set_value(0.05 * jnp.cos(jnp.arange(c) + i))
+    m.mean.set_value(0.02 * jnp.arange(c))
+    m.var.set_value(1 + 0.03 * jnp.arange(c))
   return model
 
 
@@ -165,6 +164,63 @@ def test_nnx_and_linen_agree_exactly(case):
   want = lq.apply({**v, **upd_lin}, x, train=False)
   np.testing.assert_array_equal(q(x), want)
   _assert_trees_equal(mjn.linen_variables(q), after)  # evaluation moves nothing
+
+
+class NNXNested(nnx.Module):
+  """Layers in an nnx.List, a shared conv called twice, a conv-transpose, nnx.Sequential."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.convs = nnx.List([nnx.Conv(2, 4, (3, 3), rngs=rngs), nnx.Conv(4, 4, (1, 1), use_bias=False, rngs=rngs)])
+    self.shared = nnx.Conv(4, 4, (3, 3), strides=2, rngs=rngs)
+    self.up = nnx.ConvTranspose(4, 3, (2, 2), strides=2, rngs=rngs)
+    self.head = nnx.Sequential(nnx.Linear(3, 5, rngs=rngs))
+
+  def __call__(self, x):
+    for conv in self.convs:
+      x = nnx.relu(conv(x))
+    x = self.up(nnx.relu(self.shared(nnx.relu(self.shared(x)))))
+    return self.head(x.mean((1, 2)))
+
+
+class _Group(nn.Module):
+  """Linen modules named as NNX paths: ``children`` is ((name, make_layer), ...)."""
+
+  children_: tuple
+
+  @nn.compact
+  def __call__(self, x):
+    for name, make in self.children_:
+      x = make(name)(x)
+    return x
+
+
+class LinenNested(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    relu_conv = lambda feats, k, **kw: lambda name: lambda x: nn.relu(nn.Conv(feats, k, name=name, **kw)(x))  # noqa: E731
+    x = _Group((("0", relu_conv(4, (3, 3))), ("1", relu_conv(4, (1, 1), use_bias=False))), name="convs")(x)
+    shared = nn.Conv(4, (3, 3), strides=2, name="shared")
+    x = nn.ConvTranspose(3, (2, 2), strides=2, name="up")(nn.relu(shared(nn.relu(shared(x)))))
+    dense = lambda name: _Group((("0", lambda n: nn.Dense(5, name=n)),), name=name)  # noqa: E731
+    return _Group((("layers", dense),), name="head")(x.mean((1, 2)))
+
+
+def test_nested_shared_and_transposed_layers_match_linen():
+  x = jax.random.normal(jax.random.key(3), (2, 8, 8, 2))
+  rules = [mj.QuantRule(weight=mj.AffineWeight(4), act=mj.AffineActivation(6))]
+  model = NNXNested(nnx.Rngs(0))
+  q = mjn.quantize(model, rules, x)
+  assert isinstance(q.convs[1], mjn.QuantConv) and isinstance(q.up, mjn.QuantConvTranspose)
+  assert isinstance(q.head.layers[0], mjn.QuantLinear)
+  lq = mj.quantize_model(LinenNested(), rules)
+  v = mjn.linen_variables(q)
+  assert set(v["params"]) == {"convs", "shared", "up", "head"} and "0" in v["params"]["head"]["layers"]
+  _assert_trees_equal(v, mj.quantize_variables(lq, mjn.linen_variables(model), x))
+  out_lin, upd = lq.apply(v, x, mutable=["quant_stats"])
+  q.train()
+  np.testing.assert_array_equal(q(x), out_lin)
+  _assert_trees_equal(mjn.linen_variables(q)["quant_stats"], upd["quant_stats"])
 
 
 def test_paths_and_float_state_are_kept():

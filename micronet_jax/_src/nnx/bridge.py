@@ -14,7 +14,7 @@ layers compute with the Linen quantized layers on their own variables, and the p
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,26 +36,27 @@ def path_str(path: Path) -> str:
   return "/".join(str(k) for k in path)
 
 
-def iter_modules(model: nnx.Module) -> Iterator[tuple[Path, nnx.Module]]:
-  """(graph path, module) of every module reachable from ``model`` (itself included),
-  each shared module once, at its first path."""
-  seen: set[int] = set()
+def module_paths(model: nnx.Module) -> dict[str, tuple[nnx.Module, list[Path]]]:
+  """Linen path (of the first graph path) -> (module, every graph path it is reachable
+  at), for every module of ``model``; a shared module is one entry with several paths."""
+  by_id: dict[int, tuple[nnx.Module, list[Path]]] = {}
   for path, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.Module) and id(node) not in seen:
-      seen.add(id(node))
-      yield tuple(path), node
+    if isinstance(node, nnx.Module):
+      by_id.setdefault(id(node), (node, []))[1].append(tuple(path))
+  return {path_str(paths[0]): (node, paths) for node, paths in by_id.values()}
 
 
 def set_node(root: nnx.Module, path: Path, new: Any) -> None:
-  """Puts ``new`` at ``path`` (an attribute, or an index of an ``nnx.List``/dict)."""
+  """Puts ``new`` at graph ``path`` of ``root`` (an attribute, or an item of an
+  ``nnx.List``/dict)."""
+  attr = lambda parent, k: isinstance(k, str) and hasattr(parent, k)  # noqa: E731
   parent = root
   for k in path[:-1]:
-    parent = parent[k] if isinstance(k, int) or not hasattr(parent, str(k)) else getattr(parent, k)
-  key = path[-1]
-  if isinstance(key, int) or (hasattr(parent, "__setitem__") and not hasattr(parent, str(key))):
-    parent[key] = new
+    parent = getattr(parent, k) if attr(parent, k) else parent[k]
+  if attr(parent, path[-1]):
+    setattr(parent, path[-1], new)
   else:
-    setattr(parent, key, new)
+    parent[path[-1]] = new
 
 
 # ----------------------------------------------------------------------------- Linen fields

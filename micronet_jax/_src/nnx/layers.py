@@ -184,11 +184,10 @@ class FoldedBatchNorm(nnx.BatchNorm):
     conv = nn.Conv(**fields).bind({"params": conv_params})
     variables = {**_variables(self, ("scale", "bias")),
                  "batch_stats": {"mean": self.mean.get_value(), "var": self.var.get_value()}}
-    self_observing = not ura  # the flag and running statistics move with the BatchNorm's mode
-    mutable = ["batch_stats", "quant_stats"] if self_observing else []
-    if not mutable:
+    if ura:  # running statistics: nothing moves (evaluation, calibration, QAFT)
       return bn.apply(variables, conv, x_q, z, s_in, ura)
-    y, upd = bn.apply(variables, conv, x_q, z, s_in, ura, mutable=mutable)
+    # training: the running statistics and the init-from-batch flag move with the BatchNorm's mode
+    y, upd = bn.apply(variables, conv, x_q, z, s_in, ura, mutable=["batch_stats", "quant_stats"])
     self.mean.set_value(upd["batch_stats"]["mean"])
     self.var.set_value(upd["batch_stats"]["var"])
     if "quant_stats" in upd and hasattr(self, "quant_stats"):

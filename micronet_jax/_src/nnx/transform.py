@@ -26,20 +26,11 @@ from micronet_jax._src.flax.plan import ModelPlan
 from micronet_jax._src.flax.transform import QuantizedModel, quantize_variables
 from micronet_jax._src.flax.transform import summary as linen_summary
 from micronet_jax._src.nnx import layers
-from micronet_jax._src.nnx.bridge import path_str, set_node
+from micronet_jax._src.nnx.bridge import module_paths, set_node
 from micronet_jax._src.nnx.twin import QUANTIZED, twin, twin_variables
 
 OBSERVING = (layers.QuantLinear, layers.QuantConv, layers.QuantConvTranspose, layers.QuantAdd)
 _SWAP = {nnx.Linear: layers.QuantLinear, nnx.Conv: layers.QuantConv, nnx.ConvTranspose: layers.QuantConvTranspose}
-
-
-def _nodes(model: nnx.Module) -> dict[str, tuple[nnx.Module, list[tuple]]]:
-  """Linen path (first graph path) -> (module, every graph path it is reachable at)."""
-  by_id: dict[int, tuple[nnx.Module, list[tuple]]] = {}
-  for path, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.Module):
-      by_id.setdefault(id(node), (node, []))[1].append(tuple(path))
-  return {path_str(paths[0]): (node, paths) for node, paths in by_id.values()}
 
 
 def _rules(model: nnx.Module) -> tuple[QuantRule, ...]:
@@ -63,7 +54,7 @@ def quantize(model: nnx.Module, rules: Sequence[QuantRule], *args: Any, **kwargs
     if not isinstance(r, QuantRule):
       raise TypeError(f"rules must be QuantRule instances, got {r!r}")
   model = nnx.clone(model)
-  nodes = _nodes(model)
+  nodes = module_paths(model)
   done = [p for p, (n, _) in nodes.items() if isinstance(n, QUANTIZED)]
   if done:
     raise ValueError(f"the model is already quantized (e.g. {done[0]}): quantize its float version")

@@ -26,7 +26,7 @@ from flax import nnx
 from micronet_jax._src.deploy.graph import get_path, set_path
 from micronet_jax._src.flax import ops
 from micronet_jax._src.nnx import layers
-from micronet_jax._src.nnx.bridge import iter_modules, linen_layer, linen_variables, path_str, set_node
+from micronet_jax._src.nnx.bridge import linen_layer, linen_variables, module_paths, set_node
 
 FLOAT = (nnx.Linear, nnx.Conv, nnx.ConvTranspose, nnx.BatchNorm, layers.Add)
 QUANTIZED = (layers.QuantLinear, layers.QuantConv, layers.QuantConvTranspose, layers.FoldedBatchNorm,
@@ -100,21 +100,15 @@ def _linen_of(m: nnx.Module, path: str) -> tuple[type, dict]:
 def twin(model: nnx.Module) -> LinenTwin:
   """The Linen view of ``model`` (which is not changed)."""
   copy = nnx.merge(*nnx.split(model))
-  paths: dict[int, list] = {}
-  nodes: dict[int, nnx.Module] = {}
-  for path, node in nnx.iter_graph(copy):
-    if answered(node):
-      paths.setdefault(id(node), []).append(tuple(path))
-      nodes[id(node)] = node
-  if () in [p for ps in paths.values() for p in ps]:
+  answered_nodes = {p: np for p, np in module_paths(copy).items() if answered(np[0])}
+  if "" in answered_nodes:
     raise TypeError(f"the model is a bare {type(model).__name__}: wrap it in an nnx.Module")
-  for key, node in nodes.items():
-    first = path_str(paths[key][0])
-    stand_in = _ToLinen(first, *_linen_of(node, first))
-    for p in paths[key]:
+  for path, (node, paths) in answered_nodes.items():
+    stand_in = _ToLinen(path, *_linen_of(node, path))
+    for p in paths:
       set_node(copy, p, stand_in)
   graphdef, rest = nnx.split(copy)
-  return LinenTwin(graphdef, _Box(rest), tuple(sorted(path_str(ps[0]) for ps in paths.values())))
+  return LinenTwin(graphdef, _Box(rest), tuple(sorted(answered_nodes)))
 
 
 def twin_variables(model: nnx.Module, tw: LinenTwin) -> dict:
@@ -127,9 +121,4 @@ def twin_variables(model: nnx.Module, tw: LinenTwin) -> dict:
       if sub is not None:
         out[col] = set_path(out.get(col, {}), p, sub)
   return out
-
-
-def graph_paths(model: nnx.Module) -> dict[str, tuple]:
-  """Linen path -> NNX graph path of every module, first path of a shared one."""
-  return {path_str(p): p for p, _ in iter_modules(model)}
 
