@@ -18,8 +18,8 @@ from micronet_jax._src.core.ste import clipped_round_ste, round_half_away, round
 from micronet_jax._src.deploy.binary import FusedModel, PackedKernel, deploy_binary, fuse_bn, pack_variables
 from micronet_jax._src.deploy.integer import Deploy, convert, integer_apply
 from micronet_jax._src.deploy.onnx_export import export_onnx
-from micronet_jax._src.deploy.records import (FoldedBatchNorm, InputGrid, IntAdd, IntConv, IntDense, Requant, Xnor,
-                                              XnorConv, nbytes)
+from micronet_jax._src.deploy.records import (FoldedBatchNorm, InputGrid, IntAdd, IntClamp, IntConv, IntDense,
+                                              Requant, Xnor, XnorConv, nbytes)
 from micronet_jax._src.deploy.serialize import export
 from micronet_jax._src.flax.calibrate import calibrate, ptq_rules
 from micronet_jax._src.flax.centering import center_clip_projection
@@ -52,7 +52,7 @@ __all__ = [
     "convert", "integer_apply", "Deploy",
     "fuse_bn", "pack_variables", "deploy_binary", "FusedModel", "PackedKernel",
     "export", "export_onnx", "nbytes",
-    "IntDense", "IntConv", "IntAdd", "Requant", "InputGrid", "FoldedBatchNorm", "Xnor", "XnorConv",
+    "IntDense", "IntConv", "IntAdd", "IntClamp", "Requant", "InputGrid", "FoldedBatchNorm", "Xnor", "XnorConv",
     # pruning
     "bn_sparsity", "prune", "select_channels", "prune_variables", "mask_variables", "PrunePlan", "SlimLayer",
 ]

@@ -199,7 +199,7 @@ def test_bn_sparsity_in_a_jitted_train_step():
 def test_global_threshold_is_micronets_sorted_index():
   gammas = [np.array([0.1, -0.5, 0.3, 0.0]), np.array([0.2, -0.05, -0.9])]
   # sorted |gamma| = [0, .05, .1, .2, .3, .5, .9]; index int(7 * p)
-  assert P.global_threshold(gammas, 0.0) == 0.0
+  assert P.global_threshold(gammas, 0.0) == 0.0  # (select_channels keeps every channel at percent 0)
   assert P.global_threshold(gammas, 0.5) == pytest.approx(0.2)  # int(3.5) = 3
   assert P.global_threshold(gammas, 0.42) == pytest.approx(0.1)  # int(2.94) = 2
   assert P.global_threshold(gammas, 0.99) == pytest.approx(0.9)  # int(6.93) = 6
@@ -284,7 +284,8 @@ def test_exact_count_with_tied_gammas():
   plan = P.select_channels([g, other], chain(2), 0.1, regular=8)  # thr = 0.01 -> r = 10 -> 8
   assert plan.cfg[0] == 8 and len(plan.keep[0]) == 8
   assert set(plan.keep[0]) <= set(range(10))  # 8 of the 10 tied channels, not all 10
-  plan = P.select_channels([np.full(16, 0.3), other], chain(2), 0.0, regular=8)  # all tied at thr
+  # all tied at thr (a percent that rounds to index 0: percent 0 itself keeps everything)
+  plan = P.select_channels([np.full(16, 0.3), other], chain(2), 1e-6, regular=8)
   assert plan.cfg[0] == len(plan.keep[0]) == 8  # r = 0 -> 1 -> 8
 
 
@@ -419,7 +420,7 @@ def test_beta_compensation_is_exact_for_1x1_consumers(x28):
   params["block1"]["bn"]["bias"][dropped] = rng.uniform(0.5, 2.0, dropped.size)  # ReLU(beta) > 0
   params["block1"]["bn"]["bias"][dropped[:2]] = -1.0  # and two that ReLU zeroes anyway
 
-  new_model, new_vars, plan = P.prune(model, variables, 0.0, compensate_beta=True)  # thr = 0
+  new_model, new_vars, plan = P.prune(model, variables, 1e-6, compensate_beta=True)  # index 0: thr = 0
   assert plan.threshold == 0.0
   assert plan.cfg == (24, 20 - dropped.size, 12, 24, 24, 24, 24, 24)
   np.testing.assert_array_equal(plan.keep[1], np.setdiff1d(np.arange(20), dropped))
@@ -428,7 +429,7 @@ def test_beta_compensation_is_exact_for_1x1_consumers(x28):
 
   original = logits(model, variables, x28)
   np.testing.assert_allclose(logits(new_model, new_vars, x28), original, rtol=1e-5, atol=1e-5)
-  _, plain_vars, _ = P.prune(model, variables, 0.0, compensate_beta=False)
+  _, plain_vars, _ = P.prune(model, variables, 1e-6, compensate_beta=False)
   assert np.abs(logits(new_model, plain_vars, x28) - original).max() > 1e-2
 
 

@@ -10,6 +10,13 @@ Layers keep the state in the ``quant_stats`` collection and call ``update`` only
 that collection is mutable (training or calibration), so evaluation never moves a range.
 The ``initialized`` flag is part of the state and therefore of every checkpoint: unlike
 micronet, a resumed run does not re-initialise its ranges on the first batch.
+
+Non-finite values (nan, +-inf) are skipped: every observer takes its range from the
+finite values of the batch only, and a batch (or, per channel, a slice) with no finite
+value leaves the state as it was. So a stored range is always finite; one inf
+activation cannot blow a range up to inf (or a NaN poison it) for the rest of training,
+and the quantizer then clips the inf to the range's edge. Clamping to the float32 limits
+was the alternative, but it ruins the range's resolution just the same.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from micronet_jax._src.core.ste import round_half_away
@@ -52,10 +60,33 @@ class Observer(Protocol):
     ...
 
 
-def batch_range(x: Array, axes: Sequence[int] | None) -> tuple[Array, Array]:
-  """(min, max) of ``x`` over ``axes`` (None: all axes), in float32, without gradient."""
+def finite_range(x: Array, axes: Sequence[int] | None) -> tuple[Array, Array, Array]:
+  """(min, max, seen) of the finite values of ``x`` over ``axes`` (None: all axes), in
+  float32, without gradient. ``seen`` (bool, the reduced shape) is False where there is no
+  finite value; min and max are 0 there."""
   x = jax.lax.stop_gradient(x).astype(jnp.float32)
-  return jnp.min(x, axis=axes), jnp.max(x, axis=axes)
+  finite = jnp.isfinite(x)
+  seen = jnp.any(finite, axis=axes)
+  lo = jnp.min(jnp.where(finite, x, jnp.inf), axis=axes)
+  hi = jnp.max(jnp.where(finite, x, -jnp.inf), axis=axes)
+  return jnp.where(seen, lo, 0.0), jnp.where(seen, hi, 0.0), seen
+
+
+def batch_range(x: Array, axes: Sequence[int] | None) -> tuple[Array, Array]:
+  """(min, max) of the finite values of ``x`` over ``axes`` (None: all axes), in float32,
+  without gradient (0 where there is none)."""
+  lo, hi, _ = finite_range(x, axes)
+  return lo, hi
+
+
+def _keep_unseen(state: RangeState, new: RangeState, seen: Array) -> RangeState:
+  """``new`` where the batch had finite values, ``state`` elsewhere; initialised once any
+  value was seen."""
+  return RangeState(
+      min=jnp.where(seen, new.min, state.min),
+      max=jnp.where(seen, new.max, state.max),
+      initialized=state.initialized | jnp.any(seen),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,13 +97,14 @@ class MinMax:
     return empty_range(shape)
 
   def update(self, state: RangeState, x: Array, axes: Sequence[int] | None) -> RangeState:
-    lo, hi = batch_range(x, axes)
+    lo, hi, seen = finite_range(x, axes)
     first = ~state.initialized
-    return RangeState(
+    new = RangeState(
         min=jnp.where(first, lo, jnp.minimum(state.min, lo)),
         max=jnp.where(first, hi, jnp.maximum(state.max, hi)),
         initialized=jnp.ones((), jnp.bool_),
     )
+    return _keep_unseen(state, new, seen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +124,8 @@ class MovingAverageMinMax:
     return empty_range(shape)
 
   def update(self, state: RangeState, x: Array, axes: Sequence[int] | None) -> RangeState:
-    lo, hi = batch_range(x, axes)
-    return _moving(state, lo, hi, self.momentum)
+    lo, hi, seen = finite_range(x, axes)
+    return _keep_unseen(state, _moving(state, lo, hi, self.momentum), seen)
 
 
 def current_or_observed(state: RangeState, x: Array, axes: Sequence[int] | None) -> tuple[Array, Array]:
@@ -107,16 +139,29 @@ def current_or_observed(state: RangeState, x: Array, axes: Sequence[int] | None)
 
 
 def kth_abs(x: Array, p: float) -> Array:
-  """micronet's percentile: the k-th smallest |x| with k = int(p * N) (1-indexed, k >= 1)."""
+  """micronet's percentile: the k-th smallest |x| with k = int(p * N) (1-indexed, k >= 1),
+  over the N finite values of ``x`` (0 when there is none).
+
+  With every value finite k is micronet's, computed on the host; otherwise from the
+  finite count in float32 (the non-finite values sort last, as +inf)."""
   flat = jnp.abs(jax.lax.stop_gradient(x).astype(jnp.float32)).ravel()
-  k = max(int(p * flat.size), 1)
-  return jnp.sort(flat)[k - 1]
+  finite = jnp.isfinite(flat)
+  n = jnp.sum(finite)
+  k_all = max(int(p * flat.size), 1)
+  k = jnp.where(n == flat.size, k_all, jnp.maximum(jnp.floor(np.float32(p) * n), 1).astype(jnp.int32))
+  value = jnp.sort(jnp.where(finite, flat, jnp.inf))[k - 1]
+  return jnp.where(n > 0, value, 0.0)
 
 
 def _signed_range(x: Array, c: Array) -> tuple[Array, Array]:
-  """[-c, c] when x has negative values, [0, c] otherwise (a ReLU output)."""
-  has_negative = jnp.min(jax.lax.stop_gradient(x)) < 0
+  """[-c, c] when x has finite negative values, [0, c] otherwise (a ReLU output)."""
+  x = jax.lax.stop_gradient(x)
+  has_negative = jnp.min(jnp.where(jnp.isfinite(x), x, jnp.inf)) < 0
   return jnp.where(has_negative, -c, 0.0), c
+
+
+def _any_finite(x: Array) -> Array:
+  return jnp.any(jnp.isfinite(jax.lax.stop_gradient(x)))
 
 
 def _moving(state: RangeState, lo: Array, hi: Array, momentum: float) -> RangeState:
@@ -147,7 +192,7 @@ class Percentile:
     if axes is not None:
       raise ValueError("Percentile observes whole tensors (per-tensor quantization only)")
     lo, hi = _signed_range(x, kth_abs(x, self.p))
-    return _moving(state, lo, hi, self.momentum)
+    return _keep_unseen(state, _moving(state, lo, hi, self.momentum), _any_finite(x))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +215,10 @@ class MSEClip:
     if axes is not None:
       raise ValueError("MSEClip observes whole tensors (per-tensor quantization only)")
     x = jax.lax.stop_gradient(x).astype(jnp.float32).ravel()
-    nonneg = jnp.min(x) >= 0
+    finite = jnp.isfinite(x)
+    count = jnp.maximum(jnp.sum(finite), 1)
+    x = jnp.where(finite, x, 0.0)  # masked out of the error below; 0 moves neither min nor max|x|
+    nonneg = jnp.min(jnp.where(finite, x, jnp.inf)) >= 0
     top = jnp.maximum(jnp.max(jnp.abs(x)), 1e-12)
     levels = 2.0**self.bits - 1
 
@@ -178,11 +226,12 @@ class MSEClip:
       step = jnp.where(nonneg, c / levels, 2 * c / levels)
       lo = jnp.where(nonneg, 0.0, -c)
       q = jnp.clip(round_half_away((x - lo) / step), 0, levels) * step + lo
-      return jnp.mean(jnp.square(q - x))
+      return jnp.sum(jnp.where(finite, jnp.square(q - x), 0.0)) / count
 
     cs = top * jnp.arange(1, self.candidates + 1, dtype=jnp.float32) / self.candidates
     best = cs[jnp.argmin(jax.lax.map(mse, cs))]
-    return _moving(state, jnp.where(nonneg, 0.0, -best), best, self.momentum)
+    new = _moving(state, jnp.where(nonneg, 0.0, -best), best, self.momentum)
+    return _keep_unseen(state, new, jnp.any(finite))
 
 
 OBSERVERS = {

@@ -17,6 +17,7 @@ formulas are the same. Where they differ on purpose it is said in the docstring.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Protocol
 
 import jax
@@ -92,17 +93,30 @@ def dorefa_step(bits: int) -> np.float32:
   return np.float32(1.0 / (2**bits - 1))
 
 
+# Below this max|tanh w| a DoReFa weight tensor counts as all-zero (1 / m^2 stays finite above).
+DOREFA_ZERO = 2.0**-60
+
+
 def dorefa_weight(w: Array, bits: int) -> Array:
   """DoReFa weights: t = tanh(w); n = t / (2 max|t|) + 1/2; q = 2 r(n / s) s - 1.
 
   Per-tensor, values on the grid {2 i s - 1 : i = 0..2^k-1} within [-1, 1]. Gradients
   flow through tanh and through max|t| (into its argmax), with an identity STE on the
   rounding, exactly as micronet's autograd does.
+
+  An all-zero tensor (max|t| = 0, where micronet divides 0 by 0 and gives NaN) quantizes
+  to zeros with a zero gradient: the formula has no limit there (it is invariant to the
+  scale of w), and zero is the value the tensor holds. So does a tensor with max|t| <=
+  2^-60 (``DOREFA_ZERO``), whose gradient t / max|t|^2 would overflow float32.
   """
   s = dorefa_step(bits)
   t = jnp.tanh(w)
-  n = t / 2 / jnp.max(jnp.abs(t)) + 0.5
-  return 2 * (round_ste(divide_by_constant(n, s)) * s) - 1
+  m = jnp.max(jnp.abs(t))
+  nonzero = m > DOREFA_ZERO
+  # The safe divisor keeps the unused branch finite, so its (masked) gradient is 0, not NaN.
+  n = t / 2 / jnp.where(nonzero, m, 1.0) + 0.5
+  q = 2 * (round_ste(divide_by_constant(n, s)) * s) - 1
+  return jnp.where(nonzero, q, jnp.zeros_like(q))
 
 
 def dorefa_activation(x: Array, bits: int, input_scale: float = 0.1) -> Array:
@@ -139,8 +153,11 @@ class DoReFaActivation(ObservedActivation):
 
   def __post_init__(self):
     check_bits("DoReFaActivation", self.bits)
-    if not self.input_scale > 0:
-      raise ValueError(f"DoReFaActivation.input_scale must be > 0, got {self.input_scale}")
+    scale = self.input_scale
+    # nan and inf compare False / True against 0: name them (inf would clamp every x > 0 to 1).
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
+        or not (math.isfinite(scale) and scale > 0):
+      raise ValueError(f"DoReFaActivation.input_scale must be a finite number > 0, got {scale!r}")
 
   def init_state(self, x: Array) -> None:
     return None

@@ -68,6 +68,26 @@ def explicit_pads(padding: Padding, spatial: tuple[int, ...], window: tuple[int,
   return padding
 
 
+def conv_transpose_pads(padding: Padding, kernel: tuple[int, ...], strides: tuple[int, ...],
+                        dilation: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+  """(lo, hi) per spatial dim that ``lax.conv_transpose`` pads its stride-dilated input
+  with: 'SAME'/'VALID' from the dilated kernel size k and stride s (as lax derives them),
+  explicit pads as given."""
+  if not isinstance(padding, str):
+    return padding
+  out = []
+  for k, s, d in zip(kernel, strides, dilation):
+    k = (k - 1) * d + 1
+    if padding == "SAME":
+      total, lo = k + s - 2, (k - 1 if s > k - 1 else -(-(k + s - 2) // 2))
+    elif padding == "VALID":
+      total, lo = k + s - 2 + max(k - s, 0), k - 1
+    else:
+      raise ValueError(f"conv-transpose padding {padding!r} has no integer version")
+    out.append((lo, total - lo))
+  return tuple(out)
+
+
 def batch_norm_fed_by(plan: ModelPlan) -> dict[str, BatchNormPlan]:
   """layer path -> the first BatchNorm that consumes its output (channels last)."""
   out: dict[str, BatchNormPlan] = {}

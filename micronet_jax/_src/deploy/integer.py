@@ -33,7 +33,8 @@ from micronet_jax._src.core import quantizers as qz
 from micronet_jax._src.core.fixed_point import precise_multiplier
 from micronet_jax._src.core.protocol import AffineGrid, QState
 from micronet_jax._src.deploy import graph, records, runtime
-from micronet_jax._src.deploy.records import FoldedBatchNorm, InputGrid, IntAdd, IntConv, IntDense, Requant
+from micronet_jax._src.deploy.records import (FoldedBatchNorm, InputGrid, IntAdd, IntClamp, IntConv, IntDense,
+                                              Requant)
 from micronet_jax._src.deploy.tags import trace_tags
 from micronet_jax._src.flax import seam
 from micronet_jax._src.flax.transform import LayerPlan, QuantizedModel
@@ -50,7 +51,7 @@ class Deploy:
   the final int32 accumulators into logits. The input grid, the model and its apply
   kwargs and the folded BatchNorms are static."""
 
-  layers: dict[str, IntConv | IntDense | IntAdd]
+  layers: dict[str, IntConv | IntDense | IntAdd | IntClamp]
   out_scale: Array
   input_scale: float = struct.field(pytree_node=False)
   input_zero_point: int = struct.field(pytree_node=False)
@@ -58,6 +59,7 @@ class Deploy:
   model: nn.Module = struct.field(pytree_node=False)
   apply_kwargs: tuple = struct.field(pytree_node=False, default=())
   folded_bns: tuple[str, ...] = struct.field(pytree_node=False, default=())
+  input_shape: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)  # without batch
 
   def quantize_input(self, x: Any) -> Array:
     """Float input -> integers on the first layer's input grid (uint8 or int8)."""
@@ -93,12 +95,12 @@ def _codes(x: Array, scale: Array, lo: int, hi: int, zero_point: int = 0) -> Arr
   return jnp.clip(qz.round_half_away(x / scale) + zero_point, lo, hi).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _weight_qparams(wq: AffineGrid, w: Array, qstate: QState = QState()) -> tuple[Array, Array]:
-  """``wq.grid`` of kernel ``w`` (..., C_out) per output channel, jitted as in the
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _weight_qparams(wq: AffineGrid, w: Array, qstate: QState = QState(), out_axis: int = -1) -> tuple[Array, Array]:
+  """``wq.grid`` of kernel ``w`` per output channel (axis ``out_axis``), jitted as in the
   fake-quant forward. ``wq`` is a frozen spec, hashed by value: one compilation per
   (spec, kernel shape), shared by every layer and every ``convert``."""
-  return wq.grid(w, qstate, -1)
+  return wq.grid(w, qstate, out_axis)
 
 
 def integer_apply(deploy: Deploy, x_q: Array, dequantize: bool = True, capture: dict | None = None) -> Array:
@@ -107,9 +109,10 @@ def integer_apply(deploy: Deploy, x_q: Array, dequantize: bool = True, capture: 
   Returns float logits ``out_scale * acc`` (the one float multiply, at the end), or the
   int32 accumulators with ``dequantize=False``. With a ``capture`` dict, every conv/dense
   layer's quantized input codes (on its [qmin, qmax] grid) are stored under its path.
+  Input of another dtype (int32, or int8 for a uint8 grid) or shape, or an empty batch, is
+  a ValueError (``runtime.check_input``).
   """
-  if not runtime.is_int(x_q):
-    raise ValueError(f"integer_apply expects uint8/int8 input (deploy.quantize_input), got {x_q.dtype}")
+  runtime.check_input(x_q, deploy.input_range, deploy.input_shape)
   acc = x_q.astype(jnp.int32) - deploy.input_zero_point
   recs = {**{bn: FoldedBatchNorm() for bn in deploy.folded_bns}, **deploy.layers}
   with nn.intercept_methods(runtime.Runtime(recs, strict=True, capture=capture)):
@@ -130,7 +133,8 @@ def fake_quant_codes(qmodel: QuantizedModel, variables: dict, x: Array, **apply_
   def record(next_fun, args, kwargs, context):
     m = context.module
     path = seam.module_path(m)
-    if (context.method_name == "__call__" and isinstance(m, (nn.Dense, nn.Conv)) and plan.get(path) is not None
+    if (context.method_name == "__call__" and isinstance(m, (nn.Dense, nn.Conv, nn.ConvTranspose))
+        and plan.get(path) is not None
         and not hasattr(m, "act_quant")):
       seen[path] = args[0]  # the last call is the swapping pass's (not the discovery pass's)
     return next_fun(*args, **kwargs)
@@ -212,7 +216,8 @@ def add_fraction_bits(span: int, out_shape: tuple[int, ...]) -> int:
 
 def _weights(lp: LayerPlan, variables: dict, bn: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(int8 codes, float32 scale per output channel, float32 bias) of a layer's kernel,
-  BatchNorm folded, on its weight quantizer's grid (zero point 0 required)."""
+  BatchNorm folded, on its weight quantizer's grid (zero point 0 required); the codes
+  keep the kernel's layout (output channels on ``lp.out_axis``)."""
   wq = _affine(lp.weight, lp.path, "kernel")
   lo, hi = (int(v) for v in wq.int_range())
   if lo < -128 or hi > 127:
@@ -220,14 +225,15 @@ def _weights(lp: LayerPlan, variables: dict, bn: Any) -> tuple[np.ndarray, np.nd
   p = graph.get_path(variables["params"], lp.path)
   w, b = jnp.asarray(p["kernel"], jnp.float32), p.get("bias") if lp.use_bias else None
   if bn is not None:
-    w, b = graph.fold_into(w, b, bn, variables["params"], variables.get("batch_stats", {}))
-  w_scale, zp = _weight_qparams(wq, w, _state(variables, lp.path, "kernel"))
+    w, b = graph.fold_into(w, b, bn, variables["params"], variables.get("batch_stats", {}), out_axis=lp.out_axis)
+  w_scale, zp = _weight_qparams(wq, w, _state(variables, lp.path, "kernel"), lp.out_axis)
   if np.any(np.asarray(zp) != 0):
     raise ValueError(f"integer conversion of {lp.path} needs symmetric weights (zero point 0), got {wq}")
-  c = w.shape[-1]
+  c = w.shape[lp.out_axis]
   w_scale = np.asarray(w_scale, np.float32).reshape(-1) * np.ones(c, np.float32)
+  per_channel = w_scale.reshape((c,) + (1,) * (-lp.out_axis - 1))  # broadcasts along out_axis
   # the codes, float32 scales and bias of the fake-quant forward, computed the same way
-  w_int = np.asarray(_codes(w, jnp.asarray(w_scale), lo, hi)).astype(np.int8)
+  w_int = np.asarray(_codes(w, jnp.asarray(per_channel), lo, hi)).astype(np.int8)
   bias = np.zeros(c, np.float32) if b is None else np.asarray(b, np.float32)
   return w_int, w_scale, bias
 
@@ -260,6 +266,9 @@ def convert(qmodel: QuantizedModel, variables: dict, x: Array, **apply_kwargs: A
       scales[path] = np.full(trace.out_shapes[path][-1], s_in / 2**bits, np.float64)
       continue
     w_int, w_scale, bias = _weights(lp, variables, bns.get(lp.folded_bn))
+    if lp.kind == "conv_transpose" and trace.geometry[path].transpose_kernel:
+      # as lax.conv_transpose runs it: spatially flipped, in/out swapped (output channels last)
+      w_int = np.swapaxes(np.flip(w_int, tuple(range(w_int.ndim - 2))), -1, -2).copy()
     acc_scale32 = np.float32(s_in) * w_scale
     fields = dict(w=w_int, bias=np.asarray(_codes(jnp.asarray(bias), jnp.asarray(acc_scale32), -(2**30), 2**30)),
                   w_sum=w_int.astype(np.int32).sum(axis=tuple(range(w_int.ndim - 1))).astype(np.int32),
@@ -268,8 +277,13 @@ def convert(qmodel: QuantizedModel, variables: dict, x: Array, **apply_kwargs: A
       layers[path] = IntDense(**fields)
     else:
       g = trace.geometry[path]
-      layers[path] = IntConv(**fields, strides=g.strides, padding=g.padding, dilation=g.dilation, groups=g.groups)
+      layers[path] = IntConv(**fields, strides=g.strides, padding=g.padding, dilation=g.dilation, groups=g.groups,
+                             input_dilation=g.input_dilation)
     scales[path] = acc_scale32.astype(np.float64)
+  for path, decoded in trace.clamps.items():  # ReLU6: 6 on the grid of each element's producer
+    hi = np.minimum(np.round(6.0 / _element_scale(decoded, scales, trace.producers)), INT32_MAX)
+    flat = hi.reshape(-1, hi.shape[-1])
+    layers[path] = IntClamp((flat[0] if (flat == flat[:1]).all() else hi).astype(np.int32))
   if first is None:
     raise ValueError("no quantized layer reads the network input")
   return Deploy(
@@ -277,4 +291,5 @@ def convert(qmodel: QuantizedModel, variables: dict, x: Array, **apply_kwargs: A
                                                                                      trace.producers), jnp.float32),
       input_scale=first[0], input_zero_point=first[1], input_range=first[2], model=qmodel.model,
       apply_kwargs=tuple(sorted(apply_kwargs.items())), folded_bns=plan.folded_bns,
+      input_shape=tuple(int(d) for d in x.shape[1:]),
   )

@@ -21,6 +21,10 @@ Integer records (``convert``): an int32 accumulator ``acc`` has a real value
   channels last), symmetric (weight zero point 0); ``w_sum`` int32 (C_out,) = sum of w
   over every axis but the last; ``bias`` int32 (C_out,) on the accumulator grid
   S_in * S_w. Output: acc = (q - Z) * w + bias = q8 * w - (Z - offset) w_sum + bias.
+  A conv-transpose is an ``IntConv`` with ``input_dilation`` (its strides): the stride-1
+  conv, kernel HWIO, over its input with ``input_dilation - 1`` zero points between
+  neighbours and the explicit ``padding`` of ``lax.conv_transpose``.
+* ``IntClamp``: ``ops.ReLU6``, clip(acc, 0, round(6 / scale)) on its input's grid.
 * ``IntAdd``: both inputs requantized to one shared grid and added,
   acc = ((q_a - Z) + (q_b - Z)) 2^fraction_bits, so its scale is S / 2^fraction_bits
   and a following average keeps ``fraction_bits`` of fraction.
@@ -92,6 +96,15 @@ class IntConv:
   padding: Padding = struct.field(pytree_node=False)
   dilation: tuple[int, ...] = struct.field(pytree_node=False)
   groups: int = struct.field(pytree_node=False, default=1)
+  input_dilation: tuple[int, ...] = struct.field(pytree_node=False, default=())
+
+
+@struct.dataclass
+class IntClamp:
+  """``ops.ReLU6`` on int32 accumulators: clip(acc, 0, hi), hi = round(6 / scale) (int32,
+  (C,) or one example's input shape)."""
+
+  hi: Array
 
 
 @struct.dataclass

@@ -6,7 +6,7 @@ model's own code. ``strict=True`` (integer inference) makes a Dense/Conv/ConvTra
 without a record an error naming it, since it would compute in float.
 
 Handlers: integer ``IntDense``/``IntConv`` (requantize, int8 x int8 -> int32, subtract the
-zero point's share, add the int32 bias), ``IntAdd``, ``FoldedBatchNorm``, and the binary
+zero point's share, add the int32 bias), ``IntAdd``, ``IntClamp``, ``FoldedBatchNorm``, and the binary
 ``Xnor`` (XNOR/popcount on the layer's packed kernel).
 """
 
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from micronet_jax._src.core.fixed_point import precise_mul_shift
 from micronet_jax._src.deploy.graph import conv_padding, explicit_pads, per_dim
 from micronet_jax._src.deploy.packing import PackedKernel, unpack_codes
-from micronet_jax._src.deploy.records import (FoldedBatchNorm, InputGrid, IntAdd, IntConv, IntDense, Requant,
-                                              Xnor, XnorConv)
+from micronet_jax._src.deploy.records import (FoldedBatchNorm, InputGrid, IntAdd, IntClamp, IntConv, IntDense,
+                                              Requant, Xnor, XnorConv)
 from micronet_jax._src.flax import seam
 
 Array = jax.Array
@@ -40,6 +40,25 @@ def check_int(x: Array, path: str) -> None:
   if not is_int(x):
     raise ValueError(f"layer {path} receives a {jnp.asarray(x).dtype} tensor in integer inference: an op "
                      "before it is float-only (use micronet_jax._src.flax.ops helpers for averages and residual adds)")
+
+
+def check_input(x_q: Any, int_range: tuple[int, int], input_shape: tuple[int, ...] | None = None) -> None:
+  """What ``integer_apply`` accepts: the codes of ``quantize_input``, i.e. uint8 for an
+  input grid [lo, hi] with lo >= 0 (else int8), of shape (batch >= 1, *input_shape).
+
+  Checks the static dtype and shape only, so it holds under ``jit`` and ``jax.export``
+  (a symbolic batch is >= 1); a ValueError says what was expected and what came."""
+  want = jnp.uint8 if int_range[0] >= 0 else jnp.int8
+  dtype = jnp.result_type(x_q)
+  if dtype != want:
+    raise ValueError(f"integer_apply expects the {jnp.dtype(want).name} codes of deploy.quantize_input(x) (uint8/int8 "
+                     f"as the input grid, here [{int_range[0]}, {int_range[1]}]), got {jnp.dtype(dtype).name}")
+  shape = tuple(jnp.shape(x_q))
+  if len(shape) < 2 or (input_shape is not None and shape[1:] != tuple(input_shape)):
+    want_shape = "(batch, " + (", ".join(map(str, input_shape)) if input_shape is not None else "...") + ")"
+    raise ValueError(f"integer_apply expects input of shape {want_shape}, got {shape}")
+  if shape[0] == 0:
+    raise ValueError(f"integer_apply got an empty batch (input shape {shape})")
 
 
 def requantize(acc: Array, r: Requant, g: InputGrid) -> Array:
@@ -70,7 +89,11 @@ def int_conv(rec: IntConv, x_acc: Array) -> Array:
   window = tuple((k - 1) * d + 1 for k, d in zip(rec.w.shape[:rank], rec.dilation))
   pads = explicit_pads(rec.padding, q8.shape[1:1 + rank], window, rec.strides)
   zp8 = (rec.grid.zero_point - rec.grid.offset).astype(jnp.int8)
-  q8 = jnp.pad(q8, [(0, 0), *pads, (0, 0)], constant_values=zp8)  # real zero, as the float conv pads
+  if rec.input_dilation:  # a conv-transpose: zero points (real 0) between the inputs too
+    q8 = jax.lax.pad(q8, zp8, [(0, 0, 0), *((lo, hi, s - 1) for (lo, hi), s in zip(pads, rec.input_dilation)),
+                               (0, 0, 0)])
+  else:
+    q8 = jnp.pad(q8, [(0, 0), *pads, (0, 0)], constant_values=zp8)  # real zero, as the float conv pads
   nd = q8.ndim
   spatial = tuple(range(1, nd - 1))
   dn = jax.lax.ConvDimensionNumbers((0, nd - 1, *spatial), (nd - 1, nd - 2, *range(nd - 2)), (0, nd - 1, *spatial))
@@ -168,10 +191,11 @@ HANDLERS: dict[type, Handler] = {
     IntDense: lambda r, m, p, a, kw: int_dense(r, a[0]),
     IntConv: lambda r, m, p, a, kw: int_conv(r, a[0]),
     IntAdd: lambda r, m, p, a, kw: int_add(r, *a),
+    IntClamp: lambda r, m, p, a, kw: jnp.clip(a[0] if a else kw["x"], 0, r.hi),
     FoldedBatchNorm: lambda r, m, p, a, kw: _folded_bn(r, m, a[0] if a else kw["x"]),
     Xnor: lambda r, m, p, a, kw: _xnor(m, p, a[0] if a else kw["inputs"]),
 }
-INTEGER = (IntDense, IntConv, IntAdd)
+INTEGER = (IntDense, IntConv, IntAdd, IntClamp)
 
 
 class Runtime:
@@ -196,6 +220,6 @@ class Runtime:
     if isinstance(rec, INTEGER):
       for v in args:
         check_int(v, path)
-      if self.capture is not None and not isinstance(rec, IntAdd):
+      if self.capture is not None and isinstance(rec, (IntDense, IntConv)):
         self.capture[path] = input_codes(args[0], rec.requant, rec.grid)
     return HANDLERS[type(rec)](rec, m, path, args, kwargs)

@@ -19,8 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.linear import canonicalize_padding
 
-from micronet_jax._src.deploy.graph import conv_padding, per_dim
+from micronet_jax._src.deploy.graph import conv_padding, conv_transpose_pads, per_dim
 from micronet_jax._src.flax import ops, seam
 from micronet_jax._src.flax.plan import ModelPlan
 
@@ -30,23 +31,31 @@ TAG = 4096  # tag = producer * TAG + channel + 1: exact in float32 up to 4096 pr
 
 @dataclasses.dataclass(frozen=True)
 class ConvGeometry:
+  """A conv's geometry; a conv-transpose's is that of the stride-1 conv over its input
+  dilated by ``input_dilation`` with explicit pads (as ``lax.conv_transpose`` runs it),
+  its kernel flipped and its in/out axes swapped first when ``transpose_kernel``."""
+
   strides: tuple[int, ...]
   padding: Any
   dilation: tuple[int, ...]
   groups: int
+  input_dilation: tuple[int, ...] = ()
+  transpose_kernel: bool = False
 
 
 @dataclasses.dataclass
 class Trace:
   """``producers``: '<input>' then the layers in output order; ``inputs[path]``: per
   input, int64 (*example shape, 2) of (producer index, channel); ``geometry`` of convs;
-  ``out_shapes`` of every producer (batch 1); ``output``: the decoded network output."""
+  ``out_shapes`` of every producer (batch 1); ``output``: the decoded network output;
+  ``clamps[path]``: the decoded input of every ``ops.ReLU6``."""
 
   producers: list[str]
   inputs: dict[str, list[np.ndarray]]
   geometry: dict[str, ConvGeometry]
   out_shapes: dict[str, tuple[int, ...]]
   output: np.ndarray
+  clamps: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 class _TagTracer:
@@ -79,6 +88,9 @@ class _TagTracer:
     path = seam.module_path(m)
     if isinstance(m, nn.BatchNorm) and path in self.skip_bn:
       return args[0]
+    if isinstance(m, ops.ReLU6):  # a clamp on its producers' grids: tags pass
+      self.trace.clamps[path] = self.decode(args[0], path)
+      return args[0]
     is_add = isinstance(m, ops.Add)
     if not is_add and not isinstance(m, (nn.Dense, nn.Conv, nn.ConvTranspose)):
       return next_fun(*args, **kwargs)
@@ -87,7 +99,12 @@ class _TagTracer:
       raise ValueError(f"layer {path} is not fully quantized; integer conversion needs weights and inputs "
                        "of every layer quantized")
     if isinstance(m, nn.ConvTranspose):
-      raise ValueError(f"integer conversion does not support conv-transpose layers yet ({path})")
+      rank = len(lp.kernel_shape) - 2
+      if canonicalize_padding(m.padding, rank) == "CIRCULAR":
+        raise ValueError(f"integer conversion does not support circular padding ({path})")
+      strides, dilation = per_dim(m.strides, rank), per_dim(m.kernel_dilation, rank)
+      pads = conv_transpose_pads(conv_padding(m.padding, rank), tuple(lp.kernel_shape[:rank]), strides, dilation)
+      self.trace.geometry[path] = ConvGeometry((1,) * rank, pads, dilation, 1, strides, bool(m.transpose_kernel))
     if isinstance(m, nn.Conv):
       rank = len(lp.kernel_shape) - 2
       self.trace.geometry[path] = ConvGeometry(per_dim(m.strides, rank), conv_padding(m.padding, rank),

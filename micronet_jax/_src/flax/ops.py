@@ -1,13 +1,16 @@
 """Small marked ops that a quantized or integer network must see, for use in models.
 
 Most ops between layers need nothing: ReLU, max-pooling, reshapes, channel shuffles
-and dropout act on quantized values exactly as on float ones. Two kinds do not, and a
-model marks them with these helpers (in float they are exactly ``a + b`` and a mean):
+and dropout act on quantized values exactly as on float ones. Three do not, and a
+model marks them with these helpers (in float they are exactly ``a + b``, ``relu6`` and a
+mean):
 
 * ``Add``: a residual add. Under quantization both inputs are fake-quantized on one
   shared scale (micronet's QuantAdd: one observer per input, the scale of the union of
   their ranges); in integer inference both are requantized to that scale and added in
   int32.
+* ``ReLU6``: in integer inference the bound 6 is a clamp at round(6 / scale) on the
+  int32 accumulator grid of the input's producer.
 * ``global_avg_pool`` / ``avg_pool``: in integer inference the mean of int32
   accumulators is taken with integer rounding instead of a float division.
 """
@@ -80,6 +83,19 @@ class Add(nn.Module):
     a_q, _ = q.fake_quant(a, state, update=False)
     b_q, _ = q.fake_quant(b, state, update=False)
     return a_q + b_q
+
+
+class ReLU6(nn.Module):
+  """min(max(x, 0), 6), marked so that integer inference can see it: there the bound 6
+  is a clamp on the integer grid of each input element's producer (its record holds
+  round(6 / scale)); in float and under fake quantization it is ``jax.nn.relu6``."""
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    if jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"ops.ReLU6 {seam.module_path(self)} in integer inference needs its clamp record "
+                       "(mj.convert writes one)")
+    return jax.nn.relu6(x)
 
 
 def _integer_mean(x: Array, axes: tuple[int, ...]) -> Array:

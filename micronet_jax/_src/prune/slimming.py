@@ -178,10 +178,17 @@ class PrunePlan:
 def select_channels(
     gammas: Sequence[np.ndarray], layout: Sequence[SlimLayer], percent: float, regular: int = 1,
 ) -> PrunePlan:
-  """Global-threshold slimming of the prunable blocks (all but the last in ``layout``)."""
+  """Global-threshold slimming of the prunable blocks (all but the last in ``layout``).
+
+  ``percent`` 0 keeps every channel (micronet's rule would still drop the smallest |gamma|,
+  and regular rounding some more)."""
   if regular < 1:
     raise ValueError(f"regular pruning base must be >= 1, got {regular}")
   thr = global_threshold(gammas, percent)
+  if percent == 0:  # remove nothing, whatever the rounding: the threshold is just below every |gamma|
+    lowest = min(float(np.min(np.abs(np.asarray(g)))) for g in gammas)
+    return PrunePlan(float(np.nextafter(lowest, -np.inf)), tuple(len(g) for g in gammas),
+                     tuple(np.arange(len(g)) for g in gammas))
   cfg, keep = [], []
   for i, gamma in enumerate(gammas):
     score = np.abs(np.asarray(gamma, np.float64))
