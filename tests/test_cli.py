@@ -98,8 +98,12 @@ def test_missing_data_exit_2(capsys, tmp_path, no_data_sources):
   out_dir = tmp_path / "run"
   rc, out, err = run_cli(capsys, "train", "--data-dir", "/nonexistent", "--out", out_dir, "--no-progress")
   assert rc == 2 and out == ""
+  # a --data-dir that is not there is an error naming it, never a fallback to another copy
+  assert error_line(err) == PREFIX + "data folder /nonexistent does not exist"
+  assert not out_dir.exists()
+  rc, out, err = run_cli(capsys, "train", "--out", out_dir, "--no-progress")  # no source at all
+  assert rc == 2 and out == ""
   assert error_line(err) == PREFIX + "could not load fashion_mnist. Tried:"
-  assert "--data-dir /nonexistent: the four IDX files are not there" in err
   assert "tensorflow-datasets: not installed" in err
   assert "--data-dir DIR" in err
   assert "apt-get install -y dataset-fashion-mnist" in err
@@ -141,7 +145,8 @@ def test_tiny_dorefa_run(capsys, tmp_path, fashion_mnist_dir):
   out_dir = tmp_path / "tmp"
   rc, out, err = run_cli(
       capsys, "train", "--quant", "dorefa", "--w-bits", 4, "--a-bits", 4, "--epochs", 1,
-      "--limit-train", 512, "--limit-test", 256, "--batch-size", 128, "--out", out_dir, "--no-progress",
+      "--limit-train", 512, "--limit-test", 256, "--batch-size", 128, "--eval-batch-size", 256, "--out", out_dir,
+      "--no-progress",
   )
   assert rc == 0, err
   assert "| dorefa W4A4 | 1 |" in out

@@ -11,6 +11,7 @@ and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ QUANT_METHODS = ("float", *rules_lib.PRESETS)
 BINARY_BITS = {"binary": 1, "ternary": 2}  # weight bits of the wbwtab methods
 LR_SCHEDULES = ("constant", "cosine")
 INPUT_SHAPES = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1)}
+MAX_SEED = 2**32 - 1  # seeds are taken as unsigned 32-bit integers, so each run has its own
 
 
 def _validated(config) -> None:
@@ -38,6 +40,8 @@ def _validated(config) -> None:
     config._validate()
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  except TypeError as e:  # a field of the wrong type (from the Python API or a hand-edited config.json)
+    raise ConfigError(f"{type(config).__name__} has a value of the wrong type: {e}") from None
 
 
 def _check_bits(name: str, bits: int, float_ok: bool = True) -> None:
@@ -51,6 +55,21 @@ def _check_at_least_1(config, *names: str) -> None:
     value = getattr(config, name)
     if value is not None and value < 1:
       raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def _check_finite(config, name: str, positive: bool = False) -> None:
+  """A float field that must be finite and >= 0 (> 0 when ``positive``): nan and inf
+  compare False either way, so they are named here rather than slipping through."""
+  value = getattr(config, name)
+  if not math.isfinite(value):
+    raise ValueError(f"{name} must be a finite number, got {value}")
+  if value < 0 or (positive and value == 0):
+    raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
+
+
+def _check_seed(seed: int) -> None:
+  if not 0 <= seed <= MAX_SEED:
+    raise ValueError(f"seed must be in 0..{MAX_SEED}, got {seed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,20 +122,26 @@ class TrainConfig:
       _check_bits("w_bits", self.w_bits)
       _check_bits("a_bits", self.a_bits)
     _check_at_least_1(self, "epochs", "batch_size", "eval_batch_size")
-    if not self.lr > 0:
-      raise ValueError(f"lr must be > 0, got {self.lr}")
+    if self.model_cfg is not None and (not self.model_cfg or min(self.model_cfg) < 1):
+      raise ValueError(f"model_cfg channel widths must all be at least 1, got {list(self.model_cfg)}")
+    _check_finite(self, "lr", positive=True)
     if self.lr_schedule not in LR_SCHEDULES:
       raise ValueError(f"unknown lr schedule {self.lr_schedule!r}; choose one of {list(LR_SCHEDULES)}")
     for name in ("weight_decay", "sparsity"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+      _check_finite(self, name)
+    _check_seed(self.seed)
     _check_at_least_1(self, "limit_train", "limit_test")
+    if self.limit_test is not None and self.eval_batch_size > self.limit_test:
+      raise ValueError(f"eval_batch_size {self.eval_batch_size} is larger than the test set "
+                       f"(limit_test {self.limit_test}); give --eval-batch-size {self.limit_test} or less")
     if self.checkpoint_every < 0:
       raise ValueError(f"checkpoint_every must be >= 0 steps, got {self.checkpoint_every}")
     if self.observer not in OBSERVER_NAMES:
       raise ValueError(f"unknown observer {self.observer!r}; choose one of {list(OBSERVER_NAMES)}")
     if self.qaft and self.quant == "float":
       raise ValueError("qaft fine-tunes a quantized model: choose --quant (and --from a QAT or PTQ run)")
+    if self.qaft and self.from_run is None:
+      raise ValueError("qaft fine-tunes a QAT or PTQ run: give --from RUN_DIR (its observers must have seen data)")
 
   @property
   def label(self) -> str:
@@ -165,6 +190,7 @@ class PtqConfig:
     _check_bits("w_bits", self.w_bits, float_ok=False)
     _check_bits("a_bits", self.a_bits, float_ok=False)
     _check_at_least_1(self, "batches", "batch_size")
+    _check_seed(self.seed)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,12 +1,19 @@
 """Datasets as numpy arrays, and batching.
 
-Fashion-MNIST and MNIST come from, in this order:
+Fashion-MNIST and MNIST come from ``data_dir`` (the four IDX files, gzipped or not, as
+distributed) when it is given, and only from there: a missing folder or a missing file
+is an error naming it, never a silent switch to another copy. Without ``data_dir``,
+from the first of
 
-1. ``data_dir`` (the four IDX files, gzipped or not, as distributed);
-2. the Debian package's folder (``apt-get install dataset-fashion-mnist`` puts
+1. the Debian package's folder (``apt-get install dataset-fashion-mnist`` puts
    Fashion-MNIST in ``/usr/share/datasets/fashion-mnist``);
-3. tensorflow-datasets, when it is installed and the dataset is prepared or can be
+2. tensorflow-datasets, when it is installed and the dataset is prepared or can be
    downloaded.
+
+``Dataset.source`` says which (the folder, or "tensorflow-datasets"). Every IDX file is
+checked before use: its magic number (unsigned bytes, 3 dimensions for images, 1 for
+labels), its length against its header, 28x28 images, as many labels as images, and
+labels in 0..9; a file that fails is a ``DataError`` (a ``ConfigError``) naming it.
 
 Images are returned as float32 NHWC, scaled to [0, 1] and normalised with the
 dataset's mean and standard deviation; labels as int32.
@@ -18,9 +25,12 @@ import dataclasses
 import gzip
 import os
 import struct
+import zlib
 from typing import Iterator
 
 import numpy as np
+
+from micronet_jax.app.errors import ConfigError
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -35,10 +45,15 @@ SYSTEM_DIRS = {
 # Per-dataset pixel mean and std on the training set, for inputs in [0, 1].
 NORMALIZATION = {"fashion_mnist": (0.2860, 0.3530), "mnist": (0.1307, 0.3081)}
 DATASETS = tuple(NORMALIZATION)
+NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10}
+IMAGE_SHAPE = {"fashion_mnist": (28, 28), "mnist": (28, 28)}
+IDX_NDIM = {"train_images": 3, "train_labels": 1, "test_images": 3, "test_labels": 1}
 
 
-class DataError(RuntimeError):
-  """No source could provide the dataset; the message lists the ways to provide it."""
+class DataError(ConfigError):
+  """The dataset cannot be used: no source has it (the message lists the ways to provide
+  it), or a file is missing, unreadable or inconsistent (the message names it). A
+  ``ConfigError``: the CLI exits with status 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,22 +67,31 @@ class Dataset:
 
   @property
   def num_classes(self) -> int:
-    return int(max(self.y_train.max(), self.y_test.max())) + 1
+    """The dataset's class count (10), not the largest label seen: a training set that
+    lacks the last class still builds the model every checkpoint of this dataset has."""
+    return NUM_CLASSES[self.name] if self.name in NUM_CLASSES else int(max(self.y_train.max(), self.y_test.max())) + 1
 
 
-def read_idx(path: str) -> np.ndarray:
-  """Reads an IDX file (optionally gzipped) into a uint8 array of its stored shape."""
+def read_idx(path: str, ndim: int | None = None) -> np.ndarray:
+  """Reads an IDX file (optionally gzipped) into a uint8 array of its stored shape.
+
+  The magic number must announce unsigned bytes (0x0000 08 ..) and, when ``ndim`` is
+  given, that many dimensions (0x00000803 for images, 0x00000801 for labels)."""
+  want_ndim = ndim
   opener = gzip.open if path.endswith(".gz") else open
   try:
     with opener(path, "rb") as f:
       data = f.read()
-  except (EOFError, OSError) as e:  # truncated or corrupt gzip (an interrupted download)
+  except (EOFError, OSError, zlib.error) as e:  # truncated or corrupt gzip (an interrupted download)
     raise DataError(f"{path} cannot be read: {e}") from None
   if len(data) < 4:
     raise DataError(f"{path} is truncated: {len(data)} bytes, shorter than an IDX header")
   zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
   if zero != 0 or dtype_code != 0x08:
     raise DataError(f"{path} is not an unsigned-byte IDX file (header {data[:4].hex()})")
+  if ndim != want_ndim and want_ndim is not None:
+    raise DataError(f"{path} has magic number 0x{data[:4].hex()}: {ndim} dimension(s), expected {want_ndim} "
+                    f"(0x000008{want_ndim:02x})")
   if len(data) < 4 + 4 * ndim:
     raise DataError(f"{path} is truncated inside its header ({ndim} dimensions announced)")
   shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
@@ -85,11 +109,43 @@ def _find(folder: str, stem: str) -> str | None:
   return None
 
 
-def _from_idx_dir(folder: str) -> dict[str, np.ndarray] | None:
+def _from_idx_dir(folder: str, name: str) -> dict[str, np.ndarray]:
+  """The four checked arrays of the IDX files in ``folder``; a missing folder or file is a
+  DataError naming it."""
+  if not os.path.isdir(folder):
+    raise DataError(f"data folder {folder} " + ("is not a folder" if os.path.exists(folder) else "does not exist"))
   paths = {k: _find(folder, v) for k, v in IDX_FILES.items()}
-  if any(p is None for p in paths.values()):
-    return None
-  return {k: read_idx(p) for k, p in paths.items()}
+  missing = [IDX_FILES[k] for k, p in paths.items() if p is None]
+  if missing:
+    raise DataError(f"data folder {folder} is incomplete: {', '.join(missing)} (or .gz) "
+                    f"{'is' if len(missing) == 1 else 'are'} not there; it needs all four of "
+                    f"{', '.join(IDX_FILES.values())}")
+  raw = {k: read_idx(p, IDX_NDIM[k]) for k, p in paths.items()}
+  check_arrays(raw, name, paths)
+  return raw
+
+
+def check_arrays(raw: dict[str, np.ndarray], name: str, where: dict[str, str] | None = None) -> None:
+  """Checks the four raw arrays of ``name``: (N, 28, 28) images, (N,) labels, as many
+  labels as images, labels in 0..NUM_CLASSES-1, at least one example per split. ``where``
+  names each array's file for the message."""
+  where = where or {k: f"{name} {k.replace('_', ' ')}" for k in IDX_FILES}
+  h, w = IMAGE_SHAPE[name]
+  for split in ("train", "test"):
+    images, labels = raw[f"{split}_images"], raw[f"{split}_labels"]
+    img_file, lbl_file = where[f"{split}_images"], where[f"{split}_labels"]
+    if images.ndim != 3 or images.shape[1:] != (h, w):
+      raise DataError(f"{img_file} holds images of shape {images.shape[1:]}, expected {h}x{w} for {name}")
+    if labels.ndim != 1:
+      raise DataError(f"{lbl_file} holds labels of shape {labels.shape}, expected one label per image")
+    if len(images) == 0:
+      raise DataError(f"{img_file} holds no images")
+    if len(labels) != len(images):
+      raise DataError(f"{lbl_file} has {len(labels)} labels but {img_file} has {len(images)} images")
+    bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES[name]))
+    if bad.size:
+      raise DataError(f"{lbl_file} has label {int(labels[bad[0]])} at index {int(bad[0])} ({bad.size} out of range); "
+                      f"{name} labels are 0..{NUM_CLASSES[name] - 1}")
 
 
 def _from_tfds(name: str) -> dict[str, np.ndarray]:
@@ -114,33 +170,14 @@ def normalize(images: np.ndarray, name: str) -> np.ndarray:
 
 
 def load(name: str, data_dir: str | None = None) -> Dataset:
-  """Loads ``name`` ("fashion_mnist" or "mnist") from the first source that has it."""
+  """Loads ``name`` ("fashion_mnist" or "mnist") from ``data_dir`` (only from there when
+  it is given), else from the first source that has it (see the module docstring)."""
   if name not in NORMALIZATION:
     raise DataError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
-  tried = []
-  raw, source = None, None
-  if data_dir is not None:
-    raw, source = _from_idx_dir(data_dir), data_dir
-    tried.append(f"--data-dir {data_dir}: " + ("ok" if raw else "the four IDX files are not there"))
-  if raw is None:
-    folder = SYSTEM_DIRS[name]
-    raw, source = _from_idx_dir(folder), folder
-    tried.append(f"{folder}: " + ("ok" if raw else "not found"))
-  if raw is None:
-    try:
-      raw, source = _from_tfds(name), "tensorflow-datasets"
-    except ImportError:
-      tried.append("tensorflow-datasets: not installed")
-    except Exception as e:  # offline, not prepared, ...
-      tried.append(f"tensorflow-datasets: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-  if raw is None:
-    debian = name.replace("_", "-")
-    raise DataError(
-        f"could not load {name}. Tried:\n  " + "\n  ".join(tried) + "\nProvide it one of three ways:\n"
-        f"  1. --data-dir DIR with {', '.join(IDX_FILES.values())} (optionally .gz)\n"
-        f"  2. apt-get install -y dataset-{debian}   (installs {SYSTEM_DIRS[name]})\n"
-        f"  3. pip install tensorflow-datasets, online, so that tfds can download {name}"
-    )
+  if data_dir is not None:  # what the user named, or nothing: never a silent fallback
+    raw, source = _from_idx_dir(data_dir, name), data_dir
+  else:
+    raw, source = _default_source(name)
   return Dataset(
       name=name,
       x_train=normalize(raw["train_images"], name),
@@ -148,6 +185,32 @@ def load(name: str, data_dir: str | None = None) -> Dataset:
       x_test=normalize(raw["test_images"], name),
       y_test=raw["test_labels"].astype(np.int32),
       source=source,
+  )
+
+
+def _default_source(name: str) -> tuple[dict[str, np.ndarray], str]:
+  """(raw arrays, source) from the system folder or tensorflow-datasets. A system folder
+  that has all four files is used (and a bad file in it is an error, not a reason to
+  look elsewhere); an absent or incomplete one is reported among what was tried."""
+  folder, tried = SYSTEM_DIRS[name], []
+  if all(_find(folder, stem) for stem in IDX_FILES.values()):
+    return _from_idx_dir(folder, name), folder
+  tried.append(f"{folder}: " + ("incomplete (not all four IDX files)" if os.path.isdir(folder) else "not found"))
+  try:
+    raw = _from_tfds(name)
+  except ImportError:
+    tried.append("tensorflow-datasets: not installed")
+  except Exception as e:  # offline, not prepared, ...
+    tried.append(f"tensorflow-datasets: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+  else:
+    check_arrays(raw, name)
+    return raw, "tensorflow-datasets"
+  debian = name.replace("_", "-")
+  raise DataError(
+      f"could not load {name}. Tried:\n  " + "\n  ".join(tried) + "\nProvide it one of three ways:\n"
+      f"  1. --data-dir DIR with {', '.join(IDX_FILES.values())} (optionally .gz)\n"
+      f"  2. apt-get install -y dataset-{debian}   (installs {SYSTEM_DIRS[name]})\n"
+      f"  3. pip install tensorflow-datasets, online, so that tfds can download {name}"
   )
 
 

@@ -77,6 +77,20 @@ def _start_state(config: TrainConfig, dataset: data_lib.Dataset, log: Log) -> tu
   return net, x0, state
 
 
+def _check_observed(config: TrainConfig, model_state: dict) -> None:
+  """QAFT freezes the observers, so every one must hold a range seen on data (a QAT or
+  PTQ run with the same quantization); ranges at their initial [0, 0] would stay there."""
+  key = lambda k: str(getattr(k, "key", getattr(k, "name", k)))
+  fresh = ["/".join(map(key, path[:-1])) for path, leaf in
+           jax.tree_util.tree_flatten_with_path(model_state.get("quant_stats", {}))[0]
+           if key(path[-1]) == "initialized" and not bool(jax.device_get(leaf))]
+  if fresh:
+    raise ConfigError(f"--qaft fine-tunes with frozen observers, but {len(fresh)} observer(s) of --from "
+                      f"{config.from_run} have seen no data ({', '.join(fresh[:3])}{', ...' if len(fresh) > 3 else ''}): "
+                      "run QAT (train --quant iao) or PTQ (micronet-jax ptq) first, with the same --quant, bits, "
+                      "--observer and --fold-bn")
+
+
 def train(config: TrainConfig, progress: bool = True, log: Log = print, *, overwrite: bool = False,
           resume: bool = False) -> TrainResult:
   """Trains as ``config`` says and writes the run directory ``config.out``.
@@ -98,7 +112,12 @@ def train(config: TrainConfig, progress: bool = True, log: Log = print, *, overw
     if config.batch_size > len(dataset.x_train):
       raise ConfigError(f"batch size {config.batch_size} is larger than the training set "
                         f"({len(dataset.x_train)} examples)")
+    if config.eval_batch_size > len(dataset.x_test):
+      raise ConfigError(f"eval batch size {config.eval_batch_size} is larger than the test set "
+                        f"({len(dataset.x_test)} examples); give --eval-batch-size {len(dataset.x_test)} or less")
     net, x0, state = _start_state(config, dataset, log)
+    if config.qaft:
+      _check_observed(config, state.model_state)
     if not resume:
       runs.write_config(writer.path, config)
     writer.keep_on_error = True  # from here on OUT.incomplete holds a resumable run
@@ -124,7 +143,8 @@ def train(config: TrainConfig, progress: bool = True, log: Log = print, *, overw
         model_stats=model_stats(net, state.variables, x0, train=False).row(),
         config=dataclasses.asdict(config), versions=train_lib.package_versions(),
     )
-    runs.write_run_files(writer.path, config, jax.device_get(state.variables), result.to_json())
+    runs.write_run_files(writer.path, config, jax.device_get(state.variables),
+                         {**result.to_json(), "data_source": dataset.source})
     writer.commit(skip=(checkpoints.PROGRESS_DIR,))
   return result
 
@@ -164,10 +184,10 @@ def prune(config: PruneConfig, log: Log = print, *, overwrite: bool = False) -> 
         model_stats_before=before.row(), model_stats=after.row(), params_removed=1 - after.params / before.params,
         config=dataclasses.asdict(out_config), versions=train_lib.package_versions(),
     )
-    runs.write_run_files(writer.path, out_config, new_vars, result.to_json())
+    runs.write_run_files(writer.path, out_config, new_vars, {**result.to_json(), "data_source": dataset.source})
     writer.commit()
     r = result
-    log(f"threshold |gamma| > {plan.threshold:.4g}; cfg {r.cfg_before} -> {r.cfg}\n"
+    log(f"threshold |gamma| > {plan.threshold:.4g}; cfg {r.cfg_before} -> {r.cfg} (test set from {dataset.source})\n"
         f"| model | params | MMACs | test acc |\n|---|---|---|---|\n"
         f"| original | {before.params:,} | {before.macs / 1e6:.2f} | {100 * r.test_accuracy_before:.2f}% |\n"
         f"| masked (pruned gamma = 0{'' if config.compensate_beta else ', beta = 0'}) | {before.params:,} | "
@@ -211,9 +231,9 @@ def ptq(config: PtqConfig, progress: bool = True, log: Log = print, *, overwrite
         best_test_accuracy=acc["ptq"], model_stats=model_stats(qmodel, qvars, x0, train=False).row(),
         config=dataclasses.asdict(run_config), versions=train_lib.package_versions(),
     )
-    runs.write_run_files(writer.path, run_config, qvars, result.to_json())
+    runs.write_run_files(writer.path, run_config, qvars, {**result.to_json(), "data_source": dataset.source})
     writer.commit()
-    log(f"| model | test acc |\n|---|---|\n| float | {100 * result.float_test_accuracy:.2f}% |\n"
+    log(f"data from {dataset.source}\n| model | test acc |\n|---|---|\n| float | {100 * result.float_test_accuracy:.2f}% |\n"
         f"| {result.label} | {100 * result.test_accuracy:.2f}% |")
     return result
 
