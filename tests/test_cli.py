@@ -145,8 +145,7 @@ def test_tiny_dorefa_run(capsys, tmp_path, fashion_mnist_dir):
   out_dir = tmp_path / "tmp"
   rc, out, err = run_cli(
       capsys, "train", "--quant", "dorefa", "--w-bits", 4, "--a-bits", 4, "--epochs", 1,
-      "--limit-train", 512, "--limit-test", 256, "--batch-size", 128, "--eval-batch-size", 256, "--out", out_dir,
-      "--no-progress",
+      "--limit-train", 512, "--limit-test", 256, "--batch-size", 128, "--out", out_dir, "--no-progress",
   )
   assert rc == 0, err
   assert "| dorefa W4A4 | 1 |" in out

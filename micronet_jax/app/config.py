@@ -28,6 +28,7 @@ QUANT_METHODS = ("float", *rules_lib.PRESETS)
 BINARY_BITS = {"binary": 1, "ternary": 2}  # weight bits of the wbwtab methods
 LR_SCHEDULES = ("constant", "cosine")
 INPUT_SHAPES = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1)}
+EVAL_BATCH_DEFAULT = 1000  # TrainConfig.eval_batch_size when not given: at most the test set's size
 MAX_SEED = 2**32 - 1  # seeds are taken as unsigned 32-bit integers, so each run has its own
 
 
@@ -67,6 +68,23 @@ def _check_finite(config, name: str, positive: bool = False) -> None:
     raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
 
 
+def _check_model_cfg(model: str, cfg: tuple[int, ...]) -> None:
+  """--cfg: as many channel widths as the model's own cfg, each at least 1."""
+  if "cfg" not in models.knobs(model):
+    raise ValueError(f"model {model} has no channel config (--cfg); its widths are fixed")
+  default = tuple(models.get_model(model).cfg)
+  if len(cfg) != len(default):
+    raise ValueError(f"model_cfg of {model} must be {len(default)} channel widths (default {list(default)}), "
+                     f"got {len(cfg)}: {list(cfg)}")
+  if min(cfg) < 1:
+    raise ValueError(f"model_cfg channel widths must all be at least 1, got {list(cfg)}")
+
+
+def _check_out(out: str) -> None:
+  if not isinstance(out, str) or not out.strip():
+    raise ValueError(f"out (--out) must name a directory, got {out!r}")
+
+
 def _check_seed(seed: int) -> None:
   if not 0 <= seed <= MAX_SEED:
     raise ValueError(f"seed must be in 0..{MAX_SEED}, got {seed}")
@@ -85,7 +103,7 @@ class TrainConfig:
   a_bits: int = 8
   epochs: int = 8
   batch_size: int = 128
-  eval_batch_size: int = 1000
+  eval_batch_size: int = EVAL_BATCH_DEFAULT  # the default is capped at the test set; a larger explicit one is an error
   lr: float = 1e-3
   lr_schedule: str = "constant"  # or "cosine": decays to 0 over all training steps
   weight_decay: float = 0.0
@@ -122,16 +140,17 @@ class TrainConfig:
       _check_bits("w_bits", self.w_bits)
       _check_bits("a_bits", self.a_bits)
     _check_at_least_1(self, "epochs", "batch_size", "eval_batch_size")
-    if self.model_cfg is not None and (not self.model_cfg or min(self.model_cfg) < 1):
-      raise ValueError(f"model_cfg channel widths must all be at least 1, got {list(self.model_cfg)}")
+    if self.model_cfg is not None:
+      _check_model_cfg(self.model, self.model_cfg)
     _check_finite(self, "lr", positive=True)
     if self.lr_schedule not in LR_SCHEDULES:
       raise ValueError(f"unknown lr schedule {self.lr_schedule!r}; choose one of {list(LR_SCHEDULES)}")
     for name in ("weight_decay", "sparsity"):
       _check_finite(self, name)
     _check_seed(self.seed)
+    _check_out(self.out)
     _check_at_least_1(self, "limit_train", "limit_test")
-    if self.limit_test is not None and self.eval_batch_size > self.limit_test:
+    if self.limit_test is not None and self.limit_test < self.eval_batch_size != EVAL_BATCH_DEFAULT:
       raise ValueError(f"eval_batch_size {self.eval_batch_size} is larger than the test set "
                        f"(limit_test {self.limit_test}); give --eval-batch-size {self.limit_test} or less")
     if self.checkpoint_every < 0:
@@ -191,6 +210,7 @@ class PtqConfig:
     _check_bits("a_bits", self.a_bits, float_ok=False)
     _check_at_least_1(self, "batches", "batch_size")
     _check_seed(self.seed)
+    _check_out(self.out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +234,7 @@ class PruneConfig:
       raise ValueError(f"percent (--percent) must be in [0, 1), got {self.percent}")
     if self.regular < 1:
       raise ValueError(f"regular (--regular) must be >= 1, got {self.regular}")
+    _check_out(self.out)
 
 
 @dataclasses.dataclass(frozen=True)

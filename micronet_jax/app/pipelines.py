@@ -28,6 +28,7 @@ from micronet_jax._src.prune import slimming as prune_lib
 from micronet_jax.app import artifacts, checkpoints, interrupt, parallel, recipes, rundir, runs
 from micronet_jax.app import data as data_lib
 from micronet_jax.app import train as train_lib
+from micronet_jax.app import config as config_lib
 from micronet_jax.app.config import ConvertConfig, EvalConfig, PruneConfig, PtqConfig, TrainConfig
 from micronet_jax.app.errors import ConfigError
 from micronet_jax.app.evaluation import evaluate, model_forward
@@ -77,6 +78,21 @@ def _start_state(config: TrainConfig, dataset: data_lib.Dataset, log: Log) -> tu
   return net, x0, state
 
 
+def _eval_batch(config: TrainConfig, n_test: int, mesh: Any, log: Log) -> int:
+  """The evaluation batch: ``config.eval_batch_size``, an error when it was given larger
+  than the test set; the default (``EVAL_BATCH_DEFAULT``) is cut to the test set, rounded
+  down to a multiple of the devices (the masked padding makes the accuracy the same)."""
+  if config.eval_batch_size <= n_test:
+    return config.eval_batch_size
+  if config.eval_batch_size != config_lib.EVAL_BATCH_DEFAULT:
+    raise ConfigError(f"eval batch size {config.eval_batch_size} is larger than the test set "
+                      f"({n_test} examples); give --eval-batch-size {n_test} or less")
+  devices = mesh.devices.size
+  batch = max(n_test // devices, 1) * devices
+  log(f"eval batch {batch} (the default {config.eval_batch_size} is more than the {n_test} test examples)")
+  return batch
+
+
 def _check_observed(config: TrainConfig, model_state: dict) -> None:
   """QAFT freezes the observers, so every one must hold a range seen on data (a QAT or
   PTQ run with the same quantization); ranges at their initial [0, 0] would stay there."""
@@ -112,9 +128,7 @@ def train(config: TrainConfig, progress: bool = True, log: Log = print, *, overw
     if config.batch_size > len(dataset.x_train):
       raise ConfigError(f"batch size {config.batch_size} is larger than the training set "
                         f"({len(dataset.x_train)} examples)")
-    if config.eval_batch_size > len(dataset.x_test):
-      raise ConfigError(f"eval batch size {config.eval_batch_size} is larger than the test set "
-                        f"({len(dataset.x_test)} examples); give --eval-batch-size {len(dataset.x_test)} or less")
+    eval_batch = _eval_batch(config, len(dataset.x_test), mesh, log)
     net, x0, state = _start_state(config, dataset, log)
     if config.qaft:
       _check_observed(config, state.model_state)
@@ -129,7 +143,7 @@ def train(config: TrainConfig, progress: bool = True, log: Log = print, *, overw
     with checkpoints.Progress(os.path.join(writer.path, checkpoints.PROGRESS_DIR), config.checkpoint_every) as prog, \
          interrupt.StopOnSignal() as stop:
       state, history = train_lib.fit(
-          state, dataset, config.epochs, config.batch_size, config.seed, config.eval_batch_size, progress=progress,
+          state, dataset, config.epochs, config.batch_size, config.seed, eval_batch, progress=progress,
           log=log, mesh=mesh, checkpoints=prog, on_epoch=lambda h: runs.write_epochs(writer.path, h), stop=stop,
           chunk_steps=min(CHUNK_STEPS, config.checkpoint_every or CHUNK_STEPS),
           resume_hint=f"continue with `micronet-jax train --resume {config.out}`")
