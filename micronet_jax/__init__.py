@@ -9,11 +9,14 @@ submodules built on this API.
 
 from micronet_jax._src.core.binary import (BinaryActivation, BinaryWeight, TernaryWeight, binary_weight, center_clip,
                                            ternary_weight)
+from micronet_jax._src.core.learned import (LsqActivation, LsqPlusActivation, LsqWeight, PactActivation, grad_scale,
+                                            lsq_fake_quant, pact_activation)
 from micronet_jax._src.core.observers import MinMax, MovingAverageMinMax, MSEClip, Percentile, RangeState
 from micronet_jax._src.core.protocol import AffineGrid, QState, Quantizer
 from micronet_jax._src.core.quantizers import (AffineActivation, AffineWeight, DoReFaActivation, DoReFaWeight,
                                                affine_fake_quant, affine_qparams, dorefa_activation, dorefa_weight)
-from micronet_jax._src.core.rules import QuantRule, binary_rules, dorefa_rules, iao_rules, preset, ternary_rules
+from micronet_jax._src.core.rules import (QuantRule, binary_rules, dorefa_rules, iao_rules, lsq_rules, pact_rules,
+                                          preset, ternary_rules)
 from micronet_jax._src.core.ste import clipped_round_ste, round_half_away, round_ste, sign_ste
 from micronet_jax._src.deploy.binary import FusedModel, PackedKernel, deploy_binary, fuse_bn, pack_variables
 from micronet_jax._src.deploy.integer import Deploy, convert, integer_apply
@@ -37,13 +40,16 @@ __all__ = [
     "Quantizer", "QState", "AffineGrid",
     "DoReFaWeight", "DoReFaActivation", "AffineWeight", "AffineActivation",
     "BinaryWeight", "TernaryWeight", "BinaryActivation",
+    "LsqWeight", "LsqActivation", "LsqPlusActivation", "PactActivation",
     "MinMax", "MovingAverageMinMax", "Percentile", "MSEClip", "RangeState",
     # pure functions
     "round_ste", "clipped_round_ste", "sign_ste", "round_half_away",
     "dorefa_weight", "dorefa_activation", "affine_fake_quant", "affine_qparams",
     "binary_weight", "ternary_weight", "center_clip",
+    "lsq_fake_quant", "pact_activation", "grad_scale",
     # rules and the transform
-    "QuantRule", "dorefa_rules", "iao_rules", "binary_rules", "ternary_rules", "preset", "ptq_rules",
+    "QuantRule", "dorefa_rules", "iao_rules", "lsq_rules", "pact_rules", "binary_rules", "ternary_rules", "preset",
+    "ptq_rules",
     "quantize_model", "quantize_variables", "QuantizedModel", "summary",
     "ModelPlan", "LayerPlan", "BatchNormPlan",
     "QuantDense", "QuantConv", "QuantConvTranspose",

@@ -26,6 +26,22 @@ having the methods:
   grid, and ``convert`` to build the integer deploy; a quantizer without it trains and
   evaluates in fake-quant but cannot be converted to integers.
 
+What ``convert`` asks of an ``AffineGrid`` quantizer (it reads the state from the stored
+variables, ``seam.state_from``, and calls ``grid`` on it):
+
+* weights: ``grid(W, qstate, -1)`` with zero point 0 (symmetric), a scale per tensor or
+  per output channel, and ``int_range()`` within int8 [-128, 127]; the deploy stores the
+  codes clip(r(W / scale), qmin, qmax) of the (BatchNorm-folded) kernel;
+* inputs: ``grid(None, qstate, None)`` from the state alone (``x`` None: the params or
+  statistics decide), one scale and one integer zero point per layer, ``int_range()``
+  within uint8 or int8; the deploy computes clip(r(x / scale) + zero_point, qmin, qmax);
+* both: ``apply``'s forward puts its values on exactly that grid, x_q = (q - zero_point)
+  * scale with q computed as above from the same float32 scale, so that the fake-quant
+  and the integer forwards agree to the last code.
+
+A learned step (LSQ, PACT: ``learned.py``) is such a scale: ``grid`` returns the trained
+param, and the deploy is the same as for an observed range.
+
 Write your own quantizer by implementing ``init``/``apply`` (and ``grid``/``int_range``
 if it is affine); no library code changes. ``tests/test_protocol.py`` has one.
 """

@@ -14,6 +14,7 @@ import dataclasses
 import re
 from typing import Any, Sequence
 
+from micronet_jax._src.core import learned
 from micronet_jax._src.core import observers as obs
 from micronet_jax._src.core import quantizers as qz
 from micronet_jax._src.core.protocol import check_quantizer
@@ -166,11 +167,47 @@ def ternary_rules(w_bits: int = 2, a_bits: int = 1, **kwargs) -> tuple[QuantRule
   return binary_rules(w_bits, a_bits, **kwargs)
 
 
-PRESETS = {"dorefa": dorefa_rules, "iao": iao_rules, "binary": binary_rules, "ternary": ternary_rules}
+def lsq_rules(w_bits: int = 4, a_bits: int = 4, *, first_last_bits: int | None = 8, per_channel: bool = False,
+              plus: bool = False, fold_bn: bool = False) -> tuple[QuantRule, ...]:
+  """LSQ (Esser et al. 2020) on every conv/dense layer, its image input included, so the
+  model converts to integers. As in the paper the first and the last layer use
+  ``first_last_bits`` (8; None: the same bits as the others) for their weights and input.
+  Weights ``LsqWeight`` (per tensor, or ``per_channel``); inputs ``LsqActivation``
+  (unsigned: they follow a ReLU), except the first layer's, which reads the normalised
+  image of either sign: ``LsqPlusActivation`` (a learned offset). ``plus``: LSQ+
+  everywhere. Residual adds (``ops.Add``) stay float. ``fold_bn`` as in ``iao_rules``."""
+  def layer(wb: int, ab: int, first: bool = False, **kw) -> QuantRule:
+    act = learned.LsqPlusActivation(ab) if first or plus else learned.LsqActivation(ab)
+    return QuantRule(weight=_bits_or_float(wb, lambda b: learned.LsqWeight(b, per_channel)),
+                     act=None if ab == 32 else act, fold_bn=fold_bn, **kw)
+
+  edge_w, edge_a = (w_bits, a_bits) if first_last_bits is None else (first_last_bits, first_last_bits)
+  return (layer(edge_w, edge_a, first=True, index=0), layer(edge_w, edge_a, index=-1), layer(w_bits, a_bits))
+
+
+def pact_rules(w_bits: int = 4, a_bits: int = 4, *, alpha_init: float | None = None) -> tuple[QuantRule, ...]:
+  """PACT (Choi et al. 2018) activations with DoReFa weights, as in the PACT paper, in
+  micronet's DoReFa placement: the first conv/dense layer stays float, every later one
+  quantizes its weights (``DoReFaWeight``) and its input (``PactActivation``: inputs that
+  follow a ReLU; PACT's clip at 0 is that ReLU). DoReFa weights are not on an affine
+  grid, so these models do not convert to integers; ``LsqWeight`` with
+  ``PactActivation`` in your own rules does."""
+  return (
+      QuantRule(index=0),
+      QuantRule(
+          weight=_bits_or_float(w_bits, qz.DoReFaWeight),
+          act=_bits_or_float(a_bits, lambda b: learned.PactActivation(b, alpha_init)),
+      ),
+  )
+
+
+PRESETS = {"dorefa": dorefa_rules, "iao": iao_rules, "binary": binary_rules, "ternary": ternary_rules,
+           "lsq": lsq_rules, "pact": pact_rules}
 
 
 def preset(name: str, w_bits: int = 8, a_bits: int = 8) -> tuple[QuantRule, ...]:
-  """Rules of a named preset (``"dorefa"``, ``"iao"``; ``"float"`` gives no rules)."""
+  """Rules of a named preset (``"dorefa"``, ``"iao"``, ``"lsq"``, ``"pact"``, ...; ``"float"``
+  gives no rules)."""
   if name == "float":
     return ()
   if name not in PRESETS:
