@@ -39,10 +39,12 @@ Log = Callable[[str], Any]
 CHUNK_STEPS = 100
 
 
-def _start_variables(config: TrainConfig, net: Any, x0: jax.Array, log: Log) -> dict:
-  """Fresh variables, or the ``from_run`` checkpoint fitted to this run's quantization."""
+def _start_variables(config: TrainConfig, net: Any, x0: jax.Array, log: Log, x_first: Any) -> dict:
+  """Fresh variables, or the ``from_run`` checkpoint fitted to this run's quantization;
+  learned quantizer params (LSQ, PACT) start from ``x_first``, the first training batch."""
   if config.from_run is None:
-    return jax.jit(lambda k: net.init(k, x0, train=False))(jax.random.key(config.seed))
+    variables = jax.jit(lambda k: net.init(k, x0, train=False))(jax.random.key(config.seed))
+    return recipes.init_quantizer_params(net, variables, x_first)
   src, _, variables = runs.load_run(config.from_run)
   if (src.model, src.model_cfg) != (config.model, config.model_cfg):
     raise ConfigError(f"--from {config.from_run} holds {src.model} cfg={src.model_cfg}, "
@@ -55,7 +57,7 @@ def _start_variables(config: TrainConfig, net: Any, x0: jax.Array, log: Log) -> 
   log(f"starting from {config.from_run} ({src.label}) weights" + ("" if config.quant == "float" else
                                                                 ", fresh observers"))
   if isinstance(net, QuantizedModel):
-    variables = quantize_variables(net, variables, x0, train=False)
+    variables = quantize_variables(net, variables, x_first, train=False)
   return variables
 
 
@@ -67,7 +69,7 @@ def _start_state(config: TrainConfig, dataset: data_lib.Dataset, log: Log) -> tu
     project = center_clip_projection(net, x0, train=False)
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  variables = _start_variables(config, net, x0, log)
+  variables = _start_variables(config, net, x0, log, dataset.x_train[:config.batch_size])
   if isinstance(net, QuantizedModel):
     log(summary(net, x0, train=False))
   total_steps = config.epochs * (len(dataset.x_train) // config.batch_size)

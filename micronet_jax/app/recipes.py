@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import optax
+from flax import traverse_util
 
 from micronet_jax import models
 from micronet_jax._src.core import binary as binary_lib
 from micronet_jax._src.core import rules as rules_lib
 from micronet_jax._src.flax.calibrate import make_observer
-from micronet_jax._src.flax.transform import quantize_model
+from micronet_jax._src.flax.transform import QuantizedModel, quantize_model, quantize_variables
 from micronet_jax._src.prune import slimming as prune_lib
 from micronet_jax.app import train as train_lib
 from micronet_jax.app.config import BINARY_BITS, TrainConfig
@@ -63,6 +65,8 @@ def rules(config: TrainConfig) -> list | None:
   if config.quant == "iao":
     return rules_lib.iao_rules(config.w_bits, config.a_bits, fold_bn=config.fold_bn,
                                observer=make_observer(config.observer, config.a_bits))
+  if config.quant == "lsq":
+    return rules_lib.lsq_rules(config.w_bits, config.a_bits, fold_bn=config.fold_bn)
   return rules_lib.preset(config.quant, config.w_bits, config.a_bits)
 
 
@@ -71,6 +75,24 @@ def build(config: TrainConfig, num_classes: int = 10) -> tuple[Any, Any]:
   model = models.get_model(config.model, num_classes=num_classes, **model_kwargs(config))
   r = rules(config)
   return model, (quantize_model(model, r) if r else model)
+
+
+def init_quantizer_params(net: Any, variables: dict, x_first: Any) -> dict:
+  """``variables`` with the quantizers' own params (LSQ's steps and offsets, PACT's alpha)
+  initialised from the weights and ``x_first``, the first training batch, as the papers do;
+  ``variables`` itself when ``net`` has no such params (float, DoReFa, IAO, binary)."""
+  if not isinstance(net, QuantizedModel):
+    return variables
+  key = jax.random.key(0)
+  float_shapes = jax.eval_shape(lambda: net.model.init(key, x_first[:1], train=False))
+  float_params = traverse_util.flatten_dict(float_shapes.get("params", {}))
+  params = traverse_util.flatten_dict(variables.get("params", {}))
+  if set(params) == set(float_params):
+    return variables
+  float_vars = {**{c: t for c, t in variables.items() if c != "quant_stats"},
+                "params": traverse_util.unflatten_dict({k: v for k, v in params.items() if k in float_params})}
+  fresh = quantize_variables(net, float_vars, x_first, train=False)
+  return {**fresh, "quant_stats": variables["quant_stats"]} if "quant_stats" in variables else fresh
 
 
 def learning_rate(config: TrainConfig, total_steps: int) -> float | optax.Schedule:
