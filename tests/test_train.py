@@ -403,6 +403,7 @@ def test_short_real_run_learns(tmp_path, fashion_mnist_small):
     written = json.load(f)
   for key in ("test_accuracy", "best_test_accuracy", "epochs", "seconds_per_epoch", "config", "versions"):
     assert key in written, key
+  assert written.pop("data_source") == fashion_mnist_small.source  # the data used, beside the result
   assert written == metrics.to_json()
   assert written["epochs"] == 1 and written["seconds_per_epoch"] > 0
   assert written["config"]["quant"] == "iao" and written["config"]["limit_train"] == 38400
