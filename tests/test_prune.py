@@ -528,5 +528,5 @@ def test_cli_prune_missing_run(capsys, tmp_path):
   rc, out, err = run_cli(capsys, "prune", "--from", missing, "--out", tmp_path / "o")
   assert rc == 2
   (line,) = error_lines(err)
-  assert str(missing) in line and "config.json" in line
+  assert str(missing) in line and "does not exist" in line
   assert not (tmp_path / "o").exists()

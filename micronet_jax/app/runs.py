@@ -106,6 +106,14 @@ def write_run_files(path: str, config: TrainConfig, variables: dict, metrics: di
   checkpoints.save_variables(path, variables)
 
 
+def write_run(out: str, config: TrainConfig, variables: dict, metrics: dict, *, overwrite: bool = False) -> None:
+  """Writes a whole run directory at once, through a ``RunWriter`` (for variables made
+  outside a pipeline: a converted checkpoint, a test's fixture)."""
+  with rundir.RunWriter(out, overwrite=overwrite) as writer:
+    write_run_files(writer.path, config, variables, metrics)
+    writer.commit()
+
+
 def load_run(run_dir: str) -> tuple[TrainConfig, Any, dict]:
   """(config, model as trained, variables) of a run directory, checked against its manifest."""
   if not os.path.isdir(run_dir):
