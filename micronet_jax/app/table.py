@@ -1,0 +1,366 @@
+"""The compression table: every row of micronet's CIFAR-10 table, on Fashion-MNIST, by one command.
+
+    micronet-jax table --budget small            # 2 CPU cores
+    micronet-jax table --budget full --seeds 3   # what a GPU would run
+
+Rows (micronet's, in its order): float; NIN-GC (group convs and channel shuffles);
+pruned (network slimming: sparse training, prune, fine-tune); binary W / float A;
+ternary W / float A; W1A1; W2A1 (ternary W, binary A); DoReFa W8A8; IAO W8A8 with BN
+folding; IAO W4A4; PTQ W8A8; prune + quantize. Two architectures carry them: LeNet
+(the binary/ternary rows, DoReFa, IAO W4A4) and NIN at a reduced width (the rows that
+need BatchNorm: slimming, folding), each row compared with the float model of its own
+architecture. Every step is a config run through ``pipelines.run`` (a quantized run
+starts from its float run's weights, micronet's ``--refine``), reported as the
+``micronet-jax`` command that reproduces it; where a deploy exists (IAO: integer-only,
+binary/ternary: packed) it is converted and its predictions compared with the fake-quant
+model's. Writes ``RESULTS/compression_table.md``, ``.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import shlex
+import statistics
+import time
+from typing import Any, Callable
+
+from micronet_jax.app import data as data_lib
+from micronet_jax.app import pipelines, plots, runs
+from micronet_jax.app.config import ConvertConfig, PruneConfig, PtqConfig, TrainConfig
+from micronet_jax.app.errors import ConfigError
+from micronet_jax.app.train import package_versions
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """Epochs, widths and subsets of one table run (``None``: the whole split)."""
+
+  lenet_epochs: int  # float LeNet, from random weights
+  lenet_qat_epochs: int  # each quantized LeNet, from the float LeNet
+  lenet_limit_train: int | None
+  nin_cfg: tuple[int, ...]
+  nin_epochs: int  # float NIN, from random weights
+  nin_sparse_epochs: int  # sparse training (L1 on BN scales), from the float NIN
+  nin_finetune_epochs: int  # the pruned NIN
+  nin_qat_epochs: int  # IAO W8A8 (folded) of the float and of the pruned NIN
+  nin_limit_train: int | None
+  gc_cfg: tuple[int, ...]  # NIN-GC widths (each divisible by its groups)
+  gc_epochs: int
+  gc_limit_train: int | None
+  prune_percent: float
+  sparsity: float
+  ptq_batches: int  # of 32 training images
+  seeds: int  # default --seeds
+  eval_batch_size: int = 1000  # at most the test set
+
+
+BUDGETS = {
+    # NIN at 1/8 of micronet's widths, NIN-GC at 1/16 to 1/32, training subsets: what 2 CPU
+    # cores run in well under 30 minutes (measured: the table file records wall and CPU time).
+    "small": Budget(lenet_epochs=2, lenet_qat_epochs=1, lenet_limit_train=20000,
+                    nin_cfg=(24, 20, 12, 24, 24, 24, 24, 24), nin_epochs=2, nin_sparse_epochs=1,
+                    nin_finetune_epochs=1, nin_qat_epochs=1, nin_limit_train=10000,
+                    gc_cfg=(16, 16, 16, 32, 32, 32, 32, 32), gc_epochs=1, gc_limit_train=5000,
+                    prune_percent=0.3, sparsity=1e-3, ptq_batches=50, seeds=1),
+    # micronet's widths and (for NIN) about its float schedule, the whole training set, 3 seeds.
+    "full": Budget(lenet_epochs=20, lenet_qat_epochs=10, lenet_limit_train=None,
+                   nin_cfg=(192, 160, 96, 192, 192, 192, 192, 192), nin_epochs=60, nin_sparse_epochs=30,
+                   nin_finetune_epochs=30, nin_qat_epochs=10, nin_limit_train=None,
+                   gc_cfg=(256, 256, 256, 512, 512, 512, 1024, 1024), gc_epochs=60, gc_limit_train=None,
+                   prune_percent=0.5, sparsity=1e-4, ptq_batches=200, seeds=3),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """A table row: the step whose run it reports, the float step it is compared with, and
+  the convert step of its deploy (None: no deploy exists for the method)."""
+
+  name: str
+  network: str
+  bits: str  # "W/A"
+  step: str
+  base: str
+  deploy: str | None = None
+  target: float | None = None  # the accuracy loss against ``base`` it should stay within, in points
+
+
+ROWS = (
+    Row("float LeNet", "lenet", "32/32", "lenet-float", "lenet-float"),
+    Row("float NIN", "nin", "32/32", "nin-float", "nin-float"),
+    Row("NIN-GC (group conv)", "nin_gc", "32/32", "nin_gc-float", "nin-float"),
+    Row("pruned (slimming, fine-tuned)", "nin", "32/32", "nin-finetuned", "nin-float"),
+    Row("binary W / float A", "lenet", "1/32", "lenet-binary-w1a32", "lenet-float", "lenet-binary-w1a32", 2.0),
+    Row("ternary W / float A", "lenet", "2/32", "lenet-ternary-w2a32", "lenet-float", "lenet-ternary-w2a32", 2.0),
+    Row("W1A1", "lenet", "1/1", "lenet-binary-w1a1", "lenet-float", "lenet-binary-w1a1", 8.0),
+    Row("W2A1 (ternary W, binary A)", "lenet", "2/1", "lenet-ternary-w2a1", "lenet-float", "lenet-ternary-w2a1"),
+    Row("DoReFa W8A8", "lenet", "8/8", "lenet-dorefa-w8a8", "lenet-float", None, 0.5),
+    Row("IAO W8A8, BN folded", "nin", "8/8", "nin-iao-w8a8", "nin-float", "nin-iao-w8a8", 0.5),
+    Row("IAO W4A4", "lenet", "4/4", "lenet-iao-w4a4", "lenet-float", "lenet-iao-w4a4"),
+    Row("PTQ W8A8 (percentile, BN folded)", "nin", "8/8", "nin-ptq-w8a8", "nin-float", "nin-ptq-w8a8"),
+    Row("prune + quantize (IAO W8A8)", "nin", "8/8", "nin-pruned-iao-w8a8", "nin-float", "nin-pruned-iao-w8a8", 3.0),
+)
+DEPLOY_DIR = "deploy"  # a converted run's artifact: RUN/deploy
+
+
+def steps(budget: Budget, seed: int, runs_dir: str, data_dir: str | None) -> dict[str, Callable[[], Any]]:
+  """name -> (() -> config) in run order; a step's config is made when it runs, after the
+  run it starts from exists (``runs.train_config`` reads that run's model and widths)."""
+  d, b = runs_dir, budget
+  lenet = dict(data_dir=data_dir, seed=seed, batch_size=128, eval_batch_size=b.eval_batch_size,
+               limit_train=b.lenet_limit_train)
+  nin = dict(lenet, limit_train=b.nin_limit_train)
+
+  def lenet_q(quant: str, w: int, a: int, lr: float, schedule: str = "cosine") -> Callable[[], TrainConfig]:
+    return lambda: runs.train_config(f"{d}/lenet-float", quant=quant, w_bits=w, a_bits=a, lr=lr,
+                                     lr_schedule=schedule, epochs=b.lenet_qat_epochs,
+                                     out=f"{d}/lenet-{quant}-w{w}a{a}", **lenet)
+
+  s: dict[str, Callable[[], Any]] = {
+      "lenet-float": lambda: TrainConfig(model="lenet", quant="float", epochs=b.lenet_epochs, lr=1e-2,
+                                         lr_schedule="cosine", out=f"{d}/lenet-float", **lenet),
+      "lenet-binary-w1a32": lenet_q("binary", 1, 32, 1e-2),
+      "lenet-ternary-w2a32": lenet_q("ternary", 2, 32, 1e-2),
+      "lenet-binary-w1a1": lenet_q("binary", 1, 1, 1e-2),
+      "lenet-ternary-w2a1": lenet_q("ternary", 2, 1, 1e-2),
+      "lenet-dorefa-w8a8": lenet_q("dorefa", 8, 8, 1e-4, "constant"),
+      "lenet-iao-w4a4": lenet_q("iao", 4, 4, 1e-3),
+      "nin-float": lambda: TrainConfig(model="nin", model_cfg=b.nin_cfg, quant="float", epochs=b.nin_epochs,
+                                       lr=1e-2, lr_schedule="cosine", out=f"{d}/nin-float", **nin),
+      "nin_gc-float": lambda: TrainConfig(model="nin_gc", model_cfg=b.gc_cfg, quant="float", epochs=b.gc_epochs,
+                                          lr=1e-2, lr_schedule="cosine", out=f"{d}/nin_gc-float",
+                                          **dict(nin, limit_train=b.gc_limit_train)),
+      "nin-iao-w8a8": lambda: runs.train_config(f"{d}/nin-float", quant="iao", w_bits=8, a_bits=8, fold_bn=True,
+                                                lr=1e-4, epochs=b.nin_qat_epochs, out=f"{d}/nin-iao-w8a8", **nin),
+      "nin-ptq-w8a8": lambda: PtqConfig(f"{d}/nin-float", f"{d}/nin-ptq-w8a8", method="percentile",
+                                        batches=b.ptq_batches, batch_size=32, fold_bn=True, data_dir=data_dir,
+                                        seed=seed),
+      "nin-sparse": lambda: runs.train_config(f"{d}/nin-float", quant="float", sparsity=b.sparsity, lr=1e-3,
+                                              epochs=b.nin_sparse_epochs, out=f"{d}/nin-sparse", **nin),
+      "nin-pruned": lambda: PruneConfig(f"{d}/nin-sparse", f"{d}/nin-pruned", percent=b.prune_percent,
+                                        data_dir=data_dir),
+      "nin-finetuned": lambda: runs.train_config(f"{d}/nin-pruned", quant="float", lr=1e-3, lr_schedule="cosine",
+                                                 epochs=b.nin_finetune_epochs, out=f"{d}/nin-finetuned", **nin),
+      "nin-pruned-iao-w8a8": lambda: runs.train_config(f"{d}/nin-finetuned", quant="iao", w_bits=8, a_bits=8,
+                                                       fold_bn=True, lr=1e-4, epochs=b.nin_qat_epochs,
+                                                       out=f"{d}/nin-pruned-iao-w8a8", **nin),
+  }
+  for row in ROWS:  # each deploy right after nothing else needs its run: at the end
+    if row.deploy:
+      s[f"{row.deploy}:deploy"] = (lambda r=row: ConvertConfig(f"{d}/{r.deploy}", f"{d}/{r.deploy}/{DEPLOY_DIR}",
+                                                              data_dir))
+  return s
+
+
+def command(config: Any) -> str:
+  """The ``micronet-jax`` command line that runs ``config``."""
+  from micronet_jax.app.cli import config_to_argv  # the CLI imports this module
+  return "micronet-jax " + shlex.join(config_to_argv(config))
+
+
+def run_step(name: str, config: Any, reuse: bool = False, log: Callable[[str], Any] = print) -> tuple[str, dict]:
+  """(command, result JSON) of one step; ``reuse`` keeps a finished run made with exactly
+  ``config`` (any other step with its result file) instead of running it again."""
+  cmd = command(config)
+  path = os.path.join(config.out, runs.DEPLOY_FILE if isinstance(config, ConvertConfig) else runs.METRICS_FILE)
+  if reuse and os.path.exists(path) and (not isinstance(config, TrainConfig) or runs.is_done(config)):
+    log(f"\n=== {name}: reusing {config.out} (made by: {cmd})")
+    with open(path) as f:
+      return cmd, json.load(f)
+  log(f"\n=== {name}: {cmd}")
+  return cmd, pipelines.run(config, progress=False, log=log, overwrite=True).to_json()
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _pm(values: list[float], fmt: str = "{:.2f}") -> str:
+  mean, sd = _spread(values)
+  return fmt.format(mean) + (f" ± {sd:.2f}" if len(values) > 1 else "")
+
+
+def summarize(results: list[dict[str, dict]]) -> list[dict[str, Any]]:
+  """One record per row from the per-seed results (step name -> result JSON): accuracies
+  and deltas against the same seed's float run, in points, and the model's sizes."""
+  out = []
+  for row in ROWS:
+    accs = [100 * r[row.step]["test_accuracy"] for r in results]
+    deltas = [a - 100 * r[row.base]["test_accuracy"] for a, r in zip(accs, results)]
+    stats, base = results[0][row.step]["model_stats"], results[0][row.base]["model_stats"]
+    deploys = [r[f"{row.deploy}:deploy"] for r in results] if row.deploy else []
+    mean_delta = statistics.fmean(deltas)
+    out.append(dict(
+        row=row.name, network=row.network, bits=row.bits, accuracy=accs, delta=deltas,
+        params=stats["params"], mmacs=stats["MMACs"], size_mb=stats["size_mb"],
+        compression=1 - stats["size_mb"] / base["size_mb"],
+        target=row.target, met=None if row.target is None or row.step == row.base else mean_delta >= -row.target,
+        agreement=[100 * d["prediction_agreement"] for d in deploys],
+        deploy_accuracy=[100 * d["deploy_test_accuracy"] for d in deploys],
+        deploy_kind=deploys[0]["kind"] if deploys else None, deploy_bytes=deploys[0]["deploy_bytes"] if deploys else None,
+    ))
+  return out
+
+
+def markdown_table(records: list[dict[str, Any]], networks: dict[str, str]) -> str:
+  lines = ["| row | network | W/A bits | test acc (%) | vs float, same arch (points) | target | params | MMACs | "
+           "size (MB) | compression | deploy | deploy acc (%) | deploy = fake-quant (%) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in records:
+    is_base = r["row"].startswith("float ")
+    target = "-" if r["target"] is None else f"≥ -{r['target']:g}: {'met' if r['met'] else 'NOT met'}"
+    deploy = "-" if r["deploy_kind"] is None else f"{r['deploy_kind']}, {r['deploy_bytes']:,} B"
+    lines.append(
+        f"| {r['row']} | {networks[r['network']]} | {r['bits']} | {_pm(r['accuracy'])} | "
+        f"{'(baseline)' if is_base else _pm(r['delta'], '{:+.2f}')} | {target} | {r['params']:,} | "
+        f"{r['mmacs']:.2f} | {r['size_mb']:.4f} | {100 * r['compression']:.1f}% | {deploy} | "
+        f"{_pm(r['deploy_accuracy']) if r['agreement'] else '-'} | {_pm(r['agreement']) if r['agreement'] else '-'} |")
+  return "\n".join(lines)
+
+
+def check_dataset(dataset: str) -> None:
+  """Fashion-MNIST always; CIFAR-10 only where the data layer can load it."""
+  if dataset == "cifar10" and dataset not in data_lib.DATASETS:
+    raise ConfigError(
+        "--dataset cifar10 is not available here: micronet_jax.app.data loads only "
+        f"{', '.join(data_lib.DATASETS)} today (CIFAR-10 through tensorflow-datasets is not wired in, and this "
+        "machine is offline, so it could not be downloaded either). Run the table on fashion_mnist.")
+
+
+def run_table(budget_name: str, seeds: int | None = None, dataset: str = "fashion_mnist",
+              runs_dir: str = "runs/compression_table", results_dir: str = "experiments/results",
+              data_dir: str | None = None, reuse: bool = False, name: str = "compression_table",
+              budget: Budget | None = None, argv: list[str] | None = None, log: Callable[[str], Any] = print) -> str:
+  """Runs every step of every seed (0..seeds-1), writes RESULTS/NAME.md, .json and .png;
+  returns the markdown path. ``budget`` overrides ``BUDGETS[budget_name]`` (tests)."""
+  check_dataset(dataset)
+  b = budget or BUDGETS[budget_name]
+  seeds = b.seeds if seeds is None else seeds
+  if seeds < 1:
+    raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+  start, load_start, cpu_start = time.perf_counter(), _load(), _cpu()
+  results, commands = [], []
+  for seed in range(seeds):
+    m = {}
+    for step, make in steps(b, seed, os.path.join(runs_dir, f"seed{seed}"), data_dir).items():
+      cmd, m[step] = run_step(f"seed {seed}: {step}", make(), reuse=reuse, log=log)
+      commands.append(cmd)
+    results.append(m)
+  wall, cpu = time.perf_counter() - start, _cpu() - cpu_start
+  records = summarize(results)
+  networks = {"lenet": "LeNet", "nin": f"NIN cfg {','.join(map(str, b.nin_cfg))}",
+              "nin_gc": f"NIN-GC cfg {','.join(map(str, b.gc_cfg))}"}
+  table = markdown_table(records, networks)
+  log("\n" + table)
+  os.makedirs(results_dir, exist_ok=True)
+  png = os.path.join(results_dir, f"{name}.png")
+  plots.accuracy_vs_size(
+      [dict(label=r["row"], group=networks[r["network"]], size_mb=r["size_mb"], accuracy=_spread(r["accuracy"])[0],
+            spread=_spread(r["accuracy"])[1]) for r in records], png,
+      f"micronet's compression table on Fashion-MNIST (--budget {budget_name}, {seeds} seed(s))")
+  versions = package_versions()
+  train_s = sum(m.get("total_seconds", 0.0) for r in results for m in r.values())
+  md = _markdown(budget_name, b, seeds, argv, commands, table, versions, (wall, cpu, train_s), (load_start, _load()), png)
+  path = os.path.join(results_dir, f"{name}.md")
+  with open(path, "w") as f:
+    f.write(md)
+  with open(os.path.join(results_dir, f"{name}.json"), "w") as f:
+    json.dump({"command": _cmdline(argv), "budget": dataclasses.asdict(b), "seeds": seeds, "versions": versions,
+               "wall_seconds": wall, "cpu_seconds": cpu, "rows": records}, f, indent=2)
+  log(f"\nwrote {path} and {png}")
+  return path
+
+
+def _cpu() -> float:
+  """User + system CPU seconds of this process (its compute, whatever else shares the machine)."""
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def _load() -> float | None:
+  return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _cmdline(argv: list[str] | None) -> str:
+  return "micronet-jax table " + shlex.join(argv or [])
+
+
+def _markdown(budget_name, b, seeds, argv, commands, table, versions, seconds, loads, png) -> str:
+  (wall, cpu, train_s), (load0, load1) = seconds, loads
+  load = "" if load0 is None else f"; 1-minute load average {load0:.1f} at the start, {load1:.1f} at the end"
+  text = [
+      "# micronet's compression table on Fashion-MNIST", "",
+      f"Produced by `{_cmdline(argv)}` (budget `{budget_name}`, seeds {', '.join(map(str, range(seeds)))}) on "
+      f"{versions['devices']} ({os.cpu_count()} cores): {wall / 60:.1f} minutes of wall time in all, "
+      f"{train_s / 60:.1f} of them training, and {cpu / 60:.1f} minutes of CPU time (user + system){load}. "
+      "It ran, one after another:", "",
+      "```", *commands, "```", "",
+      f"Budget `{budget_name}`: LeNet float {b.lenet_epochs} epochs, each quantized LeNet {b.lenet_qat_epochs} "
+      f"from the float weights, on {_n(b.lenet_limit_train)} training images; NIN (cfg "
+      f"{', '.join(map(str, b.nin_cfg))}) float {b.nin_epochs} epochs, sparse training (s={b.sparsity:g}) "
+      f"{b.nin_sparse_epochs} from the float weights, pruning {b.prune_percent:.0%} of the channels, fine-tuning "
+      f"{b.nin_finetune_epochs}, IAO W8A8 QAT {b.nin_qat_epochs}, on {_n(b.nin_limit_train)} training images; "
+      f"NIN-GC (cfg {', '.join(map(str, b.gc_cfg))}) {b.gc_epochs} epochs on {_n(b.gc_limit_train)}; PTQ "
+      f"calibrates on {b.ptq_batches} batches of 32. Adam, batch 128; test accuracy on all 10,000 test images "
+      "after the last epoch" + (f", mean ± standard deviation over {seeds} seeds." if seeds > 1 else
+                                 ", one seed (a difference under about 1 point is within seed noise here)."),
+      "",
+      "\"vs float\" is the accuracy change against the float model of the same architecture (same seed), in "
+      "points; NIN-GC is compared with NIN, and pruned networks with the NIN they were pruned from. Size counts "
+      "quantized kernels at their weight bits and everything else at 32 bits (MB = 10^6 bytes); compression is "
+      "1 - size / size of that float model. \"deploy\" is the converted artifact (`micronet-jax convert`: integer: "
+      "int8/int4 weights, integer-only forward; binary: BatchNorm fused, kernels packed at 1 or 2 bits) with its "
+      "test accuracy and the share of test images on which it predicts what the fake-quant model predicts; "
+      "DoReFa has no deploy converter.", "",
+      table, "",
+      f"![accuracy against model size]({os.path.basename(png)})", "",
+      "Software: " + ", ".join(f"{k} {v}" for k, v in versions.items()), "",
+  ]
+  return "\n".join(text)
+
+
+def _n(limit: int | None) -> str:
+  return "all 60,000" if limit is None else f"the first {limit:,}"
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--budget", default="small", choices=sorted(BUDGETS),
+                 help="small: 2 CPU cores within 30 minutes; full: micronet's widths, what a GPU would run")
+  p.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (default: 1 small, 3 full)")
+  p.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "cifar10"])
+  p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files")
+  p.add_argument("--runs-dir", default="runs/compression_table", help="where the run directories go")
+  p.add_argument("--results-dir", default=os.path.join("experiments", "results"), help="where the table goes")
+  p.add_argument("--reuse", action="store_true",
+                 help="keep a step whose run already exists, made with exactly this step's config")
+
+
+def add_parser(sub: Any) -> None:
+  p = sub.add_parser("table", help="run every row of micronet's compression table and write it with a plot",
+                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_arguments(p)
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+  """The flags of ``args`` that differ from the defaults (``--budget`` always): the command line reported."""
+  defaults = argparse.ArgumentParser()
+  add_arguments(defaults)
+  d = vars(defaults.parse_args([]))
+  argv = ["--budget", args.budget]
+  for key in ("seeds", "dataset", "data_dir", "runs_dir", "results_dir"):
+    if getattr(args, key) != d[key]:
+      argv += ["--" + key.replace("_", "-"), str(getattr(args, key))]
+  return argv + (["--reuse"] if args.reuse else [])
+
+
+def main(args: argparse.Namespace) -> int:
+  run_table(args.budget, args.seeds, args.dataset, args.runs_dir, args.results_dir, args.data_dir, args.reuse,
+            argv=_argv(args))
+  return 0
