@@ -31,6 +31,7 @@ from micronet_jax.app.results import ConvertResult, EvalResult
 Log = Callable[[str], Any]
 KINDS = {"iao": "integer", **{q: "binary" for q in BINARY_BITS}}  # run's quant -> deploy kind
 EVAL_BATCH = 500
+ONNX_FILE = "integer_model.onnx"  # convert --format onnx
 
 
 def _flat(tree: Any) -> dict[str, np.ndarray]:
@@ -81,6 +82,27 @@ def _export(artifact: Any, kind: str, input_shape: tuple[int, ...], batch: int) 
   return jax.export.export(fn)(jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)), batch
 
 
+def _write_onnx(deploy: Any, out: str, x_test: np.ndarray, log: Log) -> None:
+  """OUT/integer_model.onnx (batch 1), checked with onnxruntime against ``integer_apply``
+  on every test image: the two must agree exactly."""
+  try:
+    import onnxruntime as ort
+    blob = mj.export_onnx(deploy, x_test.shape[1:])
+  except ImportError as e:
+    raise ConfigError(f"--format onnx needs onnx and onnxruntime (pip install 'micronet-jax[onnx]'): {e}") from e
+  with open(os.path.join(out, ONNX_FILE), "wb") as f:
+    f.write(blob)
+  session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+  xq = np.asarray(deploy.quantize_input(x_test))
+  ours = np.asarray(jax.jit(lambda q: mj.integer_apply(deploy, q, dequantize=False))(xq))
+  theirs = np.concatenate([session.run(["acc"], {"x": xq[i:i + 1]})[0] for i in range(len(xq))])
+  same = int(np.sum(np.all(ours.reshape(len(xq), -1) == theirs.reshape(len(xq), -1), axis=1)))
+  log(f"{ONNX_FILE}: {len(blob):,} bytes; onnxruntime {ort.__version__} equals integer_apply on {same}/{len(xq)} "
+      "test images")
+  if same != len(xq):
+    raise ConfigError(f"the ONNX export differs from integer_apply on {len(xq) - same} test images")
+
+
 def convert(config: ConvertConfig, batch_size: int = EVAL_BATCH, log: Log = print, *,
             overwrite: bool = False) -> ConvertResult:
   """Deploy artifact of an IAO or binary/ternary run in ``config.out``; reports sizes and
@@ -91,6 +113,8 @@ def convert(config: ConvertConfig, batch_size: int = EVAL_BATCH, log: Log = prin
       raise ConfigError(f"{config.from_run} is a {src.label} run; conversion needs an iao (QAT or PTQ) run "
                         f"(integer deploy) or a binary/ternary run (packed deploy)")
     kind = KINDS[src.quant]
+    if config.format == "onnx" and kind != "integer":
+      raise ConfigError(f"--format onnx exports integer deploys (iao runs); {config.from_run} is a {src.label} run")
     dataset = data_lib.load(src.dataset, config.data_dir or src.data_dir)
     build = _integer if kind == "integer" else _binary
     artifact, arrays, grid, forwards = build(qmodel, variables, dataset.x_test, config.from_run)
@@ -111,6 +135,8 @@ def convert(config: ConvertConfig, batch_size: int = EVAL_BATCH, log: Log = prin
         xnor_test_accuracy=ev.accuracy.get("xnor"), test_images=ev.images, versions=train_lib.package_versions(),
     )
     rundir.write_json(os.path.join(writer.path, runs.DEPLOY_FILE), result.to_json())
+    if config.format == "onnx":
+      _write_onnx(artifact, writer.path, dataset.x_test, log)
     writer.commit()
     what = ("int8 weights, int32 bias/multipliers" if kind == "integer" else
             "packed 1-/2-bit kernels, float32 alphas, biases and float layers")

@@ -25,6 +25,7 @@ from micronet_jax.app import data as data_lib
 from micronet_jax.app.errors import ConfigError
 
 QUANT_METHODS = ("float", *rules_lib.PRESETS)
+DEPLOY_FORMATS = ("stablehlo", "onnx")  # convert --format
 BINARY_BITS = {"binary": 1, "ternary": 2}  # weight bits of the wbwtab methods
 LR_SCHEDULES = ("constant", "cosine")
 INPUT_SHAPES = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1)}
@@ -245,6 +246,14 @@ class ConvertConfig:
   from_run: str
   out: str
   data_dir: str | None = None
+  format: str = "stablehlo"  # "onnx": also OUT/integer_model.onnx (mj.export_onnx), integer deploys only
+
+  def __post_init__(self):
+    _validated(self)
+
+  def _validate(self):
+    if self.format not in DEPLOY_FORMATS:
+      raise ValueError(f"format must be one of {', '.join(DEPLOY_FORMATS)}, got {self.format!r}")
 
 
 @dataclasses.dataclass(frozen=True)
