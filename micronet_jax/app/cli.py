@@ -27,9 +27,9 @@ from micronet_jax import models
 from micronet_jax._src.core.observers import OBSERVERS
 from micronet_jax._src.flax.calibrate import METHODS
 from micronet_jax.app import data as data_lib
-from micronet_jax.app import parallel, pipelines, rundir, runs
-from micronet_jax.app.config import (LR_SCHEDULES, QUANT_METHODS, ConvertConfig, EvalConfig, PruneConfig,
-                                     PtqConfig, TrainConfig)
+from micronet_jax.app import parallel, pipelines, plots, rundir, runs, table
+from micronet_jax.app.config import (DEPLOY_FORMATS, LR_SCHEDULES, QUANT_METHODS, ConvertConfig, EvalConfig,
+                                     PruneConfig, PtqConfig, TrainConfig)
 from micronet_jax.app.errors import ConfigError, Interrupted
 
 OBSERVER_CHOICES = tuple(OBSERVERS)
@@ -179,6 +179,9 @@ def _add_convert(sub) -> None:
                  help="replace an existing output directory (the old one is kept until the new one is complete)")
   p.add_argument("--out", required=True, help="artifact directory to write")
   p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files")
+  p.add_argument("--format", default="stablehlo", choices=DEPLOY_FORMATS,
+                 help="onnx: also write OUT/integer_model.onnx (integer ops, batch 1; needs the onnx extra) and "
+                 "check it with onnxruntime against the integer deploy on the test set")
 
 
 def _add_eval(sub) -> None:
@@ -209,7 +212,7 @@ CONFIGS = {  # command -> (the config it runs, args -> config)
                                            not a.no_fold_bn, a.data_dir, a.seed)),
     "prune": (PruneConfig, lambda a: PruneConfig(a.from_run, a.out, a.percent, a.regular, not a.no_compensate,
                                                  a.data_dir)),
-    "convert": (ConvertConfig, lambda a: ConvertConfig(a.from_run, a.out, a.data_dir)),
+    "convert": (ConvertConfig, lambda a: ConvertConfig(a.from_run, a.out, a.data_dir, a.format)),
     "eval": (EvalConfig, lambda a: EvalConfig(a.artifact, a.data_dir, a.limit_test)),
 }
 # field -> flag; a flag without a value is a bool field's (True: given), "--no-..." one's inverse.
@@ -297,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_ptq(sub)
   _add_convert(sub)
   _add_eval(sub)
+  table.add_parser(sub)
+  plots.add_parser(sub)
   return parser
 
 
@@ -314,11 +319,16 @@ def _resume_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
   return dataclasses.replace(config, out=os.path.normpath(args.resume))
 
 
+COMMANDS = {"table": table.main, "plot": plots.main}
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
     parallel.initialize_distributed()
+    if args.command in COMMANDS:  # commands that run several configs, or none
+      return COMMANDS[args.command](args)
     resume = getattr(args, "resume", None) is not None
     config = _resume_config(args, parser) if resume else CONFIGS[args.command][1](args)
     result = pipelines.run(config, progress=not getattr(args, "no_progress", False),
