@@ -424,10 +424,6 @@ def _head(v, h):
   return hq @ wq + mj.round_ste(p["bias"] / acc) * acc
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "deploy/integer.py reads a folded conv's kernel quantizer state at the conv's path "
-    "(_state(variables, lp.path, 'kernel')); a learned step lives under the BatchNorm "
-    "(lp.folded_bn): grid() gets params None"))
 def test_lsq_with_batch_norm_folding_converts(folded):
   qmodel, _, _, v, _, _ = folded
   d = mj.convert(qmodel, v, X_BN[:1])

@@ -29,7 +29,7 @@ from micronet_jax.app.evaluation import evaluate, model_forward
 from micronet_jax.app.results import ConvertResult, EvalResult
 
 Log = Callable[[str], Any]
-KINDS = {"iao": "integer", **{q: "binary" for q in BINARY_BITS}}  # run's quant -> deploy kind
+KINDS = {"iao": "integer", "lsq": "integer", **{q: "binary" for q in BINARY_BITS}}  # run's quant -> deploy kind
 EVAL_BATCH = 500
 ONNX_FILE = "integer_model.onnx"  # convert --format onnx
 

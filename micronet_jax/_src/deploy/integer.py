@@ -226,7 +226,8 @@ def _weights(lp: LayerPlan, variables: dict, bn: Any) -> tuple[np.ndarray, np.nd
   w, b = jnp.asarray(p["kernel"], jnp.float32), p.get("bias") if lp.use_bias else None
   if bn is not None:
     w, b = graph.fold_into(w, b, bn, variables["params"], variables.get("batch_stats", {}), out_axis=lp.out_axis)
-  w_scale, zp = _weight_qparams(wq, w, _state(variables, lp.path, "kernel"), lp.out_axis)
+  # a folded conv's kernel quantizer keeps its state under the BatchNorm (bn_fold.py)
+  w_scale, zp = _weight_qparams(wq, w, _state(variables, lp.folded_bn or lp.path, "kernel"), lp.out_axis)
   if np.any(np.asarray(zp) != 0):
     raise ValueError(f"integer conversion of {lp.path} needs symmetric weights (zero point 0), got {wq}")
   c = w.shape[lp.out_axis]
