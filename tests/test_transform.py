@@ -234,5 +234,5 @@ def test_bad_rules_fail_early():
     mj.QuantRule(weight=8)
   with pytest.raises(TypeError, match="QuantRule"):
     mj.quantize_model(Net(), [dict(pattern=".*")])
-  with pytest.raises(ValueError, match="unknown quantization method 'lsq'"):
-    mj.preset("lsq")
+  with pytest.raises(ValueError, match="unknown quantization method 'xnor_plus'"):
+    mj.preset("xnor_plus")
