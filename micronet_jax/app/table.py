@@ -3,17 +3,15 @@
     micronet-jax table --budget small            # 2 CPU cores
     micronet-jax table --budget full --seeds 3   # what a GPU would run
 
-Rows (micronet's, in its order): float; NIN-GC (group convs and channel shuffles);
-pruned (network slimming: sparse training, prune, fine-tune); binary W / float A;
-ternary W / float A; W1A1; W2A1 (ternary W, binary A); DoReFa W8A8; IAO W8A8 with BN
-folding; IAO W4A4; PTQ W8A8; prune + quantize. Two architectures carry them: LeNet
-(the binary/ternary rows, DoReFa, IAO W4A4) and NIN at a reduced width (the rows that
-need BatchNorm: slimming, folding), each row compared with the float model of its own
-architecture. Every step is a config run through ``pipelines.run`` (a quantized run
-starts from its float run's weights, micronet's ``--refine``), reported as the
-``micronet-jax`` command that reproduces it; where a deploy exists (IAO: integer-only,
-binary/ternary: packed) it is converted and its predictions compared with the fake-quant
-model's. Writes ``RESULTS/compression_table.md``, ``.json`` and ``.png``.
+Rows, in micronet's order: float; NIN-GC (group convs, channel shuffles); pruned (network
+slimming: sparse training, prune, fine-tune); binary W / float A; ternary W / float A; W1A1;
+W2A1; DoReFa W8A8; IAO W8A8 with BN folding; IAO W4A4; PTQ W8A8; prune + quantize. LeNet
+carries the binary/ternary rows, DoReFa and IAO W4A4; NIN at a reduced width the rows that
+need BatchNorm; each row is compared with the float model of its own architecture. Every
+step is a config run through ``pipelines.run`` (quantized runs start from the float
+weights, micronet's ``--refine``, except DoReFa), reported as the ``micronet-jax`` command that
+reproduces it; where a deploy exists it is converted and checked against the fake-quant
+model. Writes ``RESULTS/compression_table.md``, ``.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ import resource
 import shlex
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from micronet_jax.app import data as data_lib
 from micronet_jax.app import pipelines, plots, runs
@@ -59,8 +57,7 @@ class Budget:
 
 
 BUDGETS = {
-    # NIN at 1/8 of micronet's widths, NIN-GC at 1/16 to 1/32, training subsets: what 2 CPU
-    # cores run in well under 30 minutes (measured: the table file records wall and CPU time).
+    # NIN at 1/8 of micronet's widths, NIN-GC at 1/16-1/32, training subsets: for 2 CPU cores, 30 minutes.
     "small": Budget(lenet_epochs=2, lenet_qat_epochs=1, lenet_limit_train=20000,
                     nin_cfg=(24, 20, 12, 24, 24, 24, 24, 24), nin_epochs=2, nin_sparse_epochs=1,
                     nin_finetune_epochs=1, nin_qat_epochs=1, nin_limit_train=10000,
@@ -77,15 +74,14 @@ BUDGETS = {
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  """A table row: the step whose run it reports, the float step it is compared with, and
-  the convert step of its deploy (None: no deploy exists for the method)."""
+  """A table row: the step whose run it reports, the float step it is compared with, whether it has a deploy."""
 
   name: str
   network: str
   bits: str  # "W/A"
   step: str
   base: str
-  deploy: str | None = None
+  deploy: bool = False  # converted to RUN/deploy (IAO: integer-only; binary/ternary: packed)
   target: float | None = None  # the accuracy loss against ``base`` it should stay within, in points
 
 
@@ -94,30 +90,55 @@ ROWS = (
     Row("float NIN", "nin", "32/32", "nin-float", "nin-float"),
     Row("NIN-GC (group conv)", "nin_gc", "32/32", "nin_gc-float", "nin-float"),
     Row("pruned (slimming, fine-tuned)", "nin", "32/32", "nin-finetuned", "nin-float"),
-    Row("binary W / float A", "lenet", "1/32", "lenet-binary-w1a32", "lenet-float", "lenet-binary-w1a32", 2.0),
-    Row("ternary W / float A", "lenet", "2/32", "lenet-ternary-w2a32", "lenet-float", "lenet-ternary-w2a32", 2.0),
-    Row("W1A1", "lenet", "1/1", "lenet-binary-w1a1", "lenet-float", "lenet-binary-w1a1", 8.0),
-    Row("W2A1 (ternary W, binary A)", "lenet", "2/1", "lenet-ternary-w2a1", "lenet-float", "lenet-ternary-w2a1"),
-    Row("DoReFa W8A8", "lenet", "8/8", "lenet-dorefa-w8a8", "lenet-float", None, 0.5),
-    Row("IAO W8A8, BN folded", "nin", "8/8", "nin-iao-w8a8", "nin-float", "nin-iao-w8a8", 0.5),
-    Row("IAO W4A4", "lenet", "4/4", "lenet-iao-w4a4", "lenet-float", "lenet-iao-w4a4"),
-    Row("PTQ W8A8 (percentile, BN folded)", "nin", "8/8", "nin-ptq-w8a8", "nin-float", "nin-ptq-w8a8"),
-    Row("prune + quantize (IAO W8A8)", "nin", "8/8", "nin-pruned-iao-w8a8", "nin-float", "nin-pruned-iao-w8a8", 3.0),
+    Row("binary W / float A", "lenet", "1/32", "lenet-binary-w1a32", "lenet-float", True, 2.0),
+    Row("ternary W / float A", "lenet", "2/32", "lenet-ternary-w2a32", "lenet-float", True, 2.0),
+    Row("W1A1", "lenet", "1/1", "lenet-binary-w1a1", "lenet-float", True, 8.0),
+    Row("W2A1 (ternary W, binary A)", "lenet", "2/1", "lenet-ternary-w2a1", "lenet-float", True),
+    Row("DoReFa W8A8", "lenet", "8/8", "lenet-dorefa-w8a8", "lenet-float", False, 0.5),
+    Row("IAO W8A8, BN folded", "nin", "8/8", "nin-iao-w8a8", "nin-float", True, 0.5),
+    Row("IAO W4A4", "lenet", "4/4", "lenet-iao-w4a4", "lenet-float", True),
+    Row("PTQ W8A8 (percentile, BN folded)", "nin", "8/8", "nin-ptq-w8a8", "nin-float", True),
+    Row("prune + quantize (IAO W8A8)", "nin", "8/8", "nin-pruned-iao-w8a8", "nin-float", True, 3.0),
 )
 DEPLOY_DIR = "deploy"  # a converted run's artifact: RUN/deploy
+# step -> the step whose run it starts from (a row needs its step, its base and their parents)
+PARENT = {"nin-sparse": "nin-float", "nin-pruned": "nin-sparse", "nin-finetuned": "nin-pruned",
+          "nin-pruned-iao-w8a8": "nin-finetuned", "nin-iao-w8a8": "nin-float", "nin-ptq-w8a8": "nin-float",
+          **{r.step: "lenet-float" for r in ROWS if r.deploy and r.network == "lenet"}}  # DoReFa: from scratch
 
 
-def steps(budget: Budget, seed: int, runs_dir: str, data_dir: str | None) -> dict[str, Callable[[], Any]]:
+def select_rows(keys: Sequence[str] | None = None) -> tuple[Row, ...]:
+  """The rows whose step is in ``keys`` (None: all), in the table's order."""
+  unknown = sorted(set(keys or ()) - {r.step for r in ROWS})
+  if unknown:
+    raise ConfigError(f"unknown rows {unknown}; choose from {[r.step for r in ROWS]}")
+  return tuple(r for r in ROWS if keys is None or r.step in keys)
+
+
+def needed_steps(rows: Sequence[Row]) -> set[str]:
+  """The steps ``rows`` need: their runs, float runs and deploys, and every run these start from."""
+  out = {f"{r.step}:deploy" for r in rows if r.deploy}
+  todo = [s for r in rows for s in (r.step, r.base)]
+  while todo:
+    step = todo.pop()
+    if step not in out:
+      out.add(step)
+      todo += [PARENT[step]] if step in PARENT else []
+  return out
+
+
+def steps(budget: Budget, seed: int, runs_dir: str, data_dir: str | None,
+          dataset: str = "fashion_mnist") -> dict[str, Callable[[], Any]]:
   """name -> (() -> config) in run order; a step's config is made when it runs, after the
   run it starts from exists (``runs.train_config`` reads that run's model and widths)."""
   d, b = runs_dir, budget
-  lenet = dict(data_dir=data_dir, seed=seed, batch_size=128, eval_batch_size=b.eval_batch_size,
+  lenet = dict(dataset=dataset, data_dir=data_dir, seed=seed, batch_size=128, eval_batch_size=b.eval_batch_size,
                limit_train=b.lenet_limit_train)
   nin = dict(lenet, limit_train=b.nin_limit_train)
 
-  def lenet_q(quant: str, w: int, a: int, lr: float, schedule: str = "cosine") -> Callable[[], TrainConfig]:
+  def lenet_q(quant: str, w: int, a: int, lr: float) -> Callable[[], TrainConfig]:
     return lambda: runs.train_config(f"{d}/lenet-float", quant=quant, w_bits=w, a_bits=a, lr=lr,
-                                     lr_schedule=schedule, epochs=b.lenet_qat_epochs,
+                                     lr_schedule="cosine", epochs=b.lenet_qat_epochs,
                                      out=f"{d}/lenet-{quant}-w{w}a{a}", **lenet)
 
   s: dict[str, Callable[[], Any]] = {
@@ -127,7 +148,11 @@ def steps(budget: Budget, seed: int, runs_dir: str, data_dir: str | None) -> dic
       "lenet-ternary-w2a32": lenet_q("ternary", 2, 32, 1e-2),
       "lenet-binary-w1a1": lenet_q("binary", 1, 1, 1e-2),
       "lenet-ternary-w2a1": lenet_q("ternary", 2, 1, 1e-2),
-      "lenet-dorefa-w8a8": lenet_q("dorefa", 8, 8, 1e-4, "constant"),
+      # From random weights on the float schedule: with its [0, 1] activation clip, one epoch from the
+      # float weights gave 59% (lr 1e-4) or 73% (1e-3) against float's 82% (budget small).
+      "lenet-dorefa-w8a8": lambda: TrainConfig(model="lenet", quant="dorefa", w_bits=8, a_bits=8, lr=1e-2,
+                                               epochs=b.lenet_epochs, lr_schedule="cosine",
+                                               out=f"{d}/lenet-dorefa-w8a8", **lenet),
       "lenet-iao-w4a4": lenet_q("iao", 4, 4, 1e-3),
       "nin-float": lambda: TrainConfig(model="nin", model_cfg=b.nin_cfg, quant="float", epochs=b.nin_epochs,
                                        lr=1e-2, lr_schedule="cosine", out=f"{d}/nin-float", **nin),
@@ -149,10 +174,9 @@ def steps(budget: Budget, seed: int, runs_dir: str, data_dir: str | None) -> dic
                                                        fold_bn=True, lr=1e-4, epochs=b.nin_qat_epochs,
                                                        out=f"{d}/nin-pruned-iao-w8a8", **nin),
   }
-  for row in ROWS:  # each deploy right after nothing else needs its run: at the end
+  for row in ROWS:  # the deploys last, after every training run
     if row.deploy:
-      s[f"{row.deploy}:deploy"] = (lambda r=row: ConvertConfig(f"{d}/{r.deploy}", f"{d}/{r.deploy}/{DEPLOY_DIR}",
-                                                              data_dir))
+      s[f"{row.step}:deploy"] = lambda r=row: ConvertConfig(f"{d}/{r.step}", f"{d}/{r.step}/{DEPLOY_DIR}", data_dir)
   return s
 
 
@@ -164,7 +188,7 @@ def command(config: Any) -> str:
 
 def run_step(name: str, config: Any, reuse: bool = False, log: Callable[[str], Any] = print) -> tuple[str, dict]:
   """(command, result JSON) of one step; ``reuse`` keeps a finished run made with exactly
-  ``config`` (any other step with its result file) instead of running it again."""
+  ``config`` (any other step: with its result file)."""
   cmd = command(config)
   path = os.path.join(config.out, runs.DEPLOY_FILE if isinstance(config, ConvertConfig) else runs.METRICS_FILE)
   if reuse and os.path.exists(path) and (not isinstance(config, TrainConfig) or runs.is_done(config)):
@@ -175,7 +199,7 @@ def run_step(name: str, config: Any, reuse: bool = False, log: Callable[[str], A
   return cmd, pipelines.run(config, progress=False, log=log, overwrite=True).to_json()
 
 
-def _spread(values: list[float]) -> tuple[float, float]:
+def _spread(values: list[float]) -> tuple[float, float]:  # mean and sample standard deviation
   return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -184,15 +208,15 @@ def _pm(values: list[float], fmt: str = "{:.2f}") -> str:
   return fmt.format(mean) + (f" ± {sd:.2f}" if len(values) > 1 else "")
 
 
-def summarize(results: list[dict[str, dict]]) -> list[dict[str, Any]]:
+def summarize(results: list[dict[str, dict]], rows: Sequence[Row] = ROWS) -> list[dict[str, Any]]:
   """One record per row from the per-seed results (step name -> result JSON): accuracies
   and deltas against the same seed's float run, in points, and the model's sizes."""
   out = []
-  for row in ROWS:
+  for row in rows:
     accs = [100 * r[row.step]["test_accuracy"] for r in results]
     deltas = [a - 100 * r[row.base]["test_accuracy"] for a, r in zip(accs, results)]
     stats, base = results[0][row.step]["model_stats"], results[0][row.base]["model_stats"]
-    deploys = [r[f"{row.deploy}:deploy"] for r in results] if row.deploy else []
+    deploys = [r[f"{row.step}:deploy"] for r in results] if row.deploy else []
     mean_delta = statistics.fmean(deltas)
     out.append(dict(
         row=row.name, network=row.network, bits=row.bits, accuracy=accs, delta=deltas,
@@ -201,7 +225,7 @@ def summarize(results: list[dict[str, dict]]) -> list[dict[str, Any]]:
         target=row.target, met=None if row.target is None or row.step == row.base else mean_delta >= -row.target,
         agreement=[100 * d["prediction_agreement"] for d in deploys],
         deploy_accuracy=[100 * d["deploy_test_accuracy"] for d in deploys],
-        deploy_kind=deploys[0]["kind"] if deploys else None, deploy_bytes=deploys[0]["deploy_bytes"] if deploys else None,
+        deploy_kind=(deploys or [{}])[0].get("kind"), deploy_bytes=(deploys or [{}])[0].get("deploy_bytes"),
     ))
   return out
 
@@ -227,17 +251,21 @@ def check_dataset(dataset: str) -> None:
   if dataset == "cifar10" and dataset not in data_lib.DATASETS:
     raise ConfigError(
         "--dataset cifar10 is not available here: micronet_jax.app.data loads only "
-        f"{', '.join(data_lib.DATASETS)} today (CIFAR-10 through tensorflow-datasets is not wired in, and this "
-        "machine is offline, so it could not be downloaded either). Run the table on fashion_mnist.")
+        f"{', '.join(data_lib.DATASETS)} today; CIFAR-10 (32x32x3 through tensorflow-datasets) is not wired into "
+        "it, so the table cannot run it, online or offline. Run the table on fashion_mnist.")
 
 
 def run_table(budget_name: str, seeds: int | None = None, dataset: str = "fashion_mnist",
               runs_dir: str = "runs/compression_table", results_dir: str = "experiments/results",
               data_dir: str | None = None, reuse: bool = False, name: str = "compression_table",
-              budget: Budget | None = None, argv: list[str] | None = None, log: Callable[[str], Any] = print) -> str:
+              budget: Budget | None = None, argv: list[str] | None = None, log: Callable[[str], Any] = print,
+              row_keys: Sequence[str] | None = None) -> str:
   """Runs every step of every seed (0..seeds-1), writes RESULTS/NAME.md, .json and .png;
-  returns the markdown path. ``budget`` overrides ``BUDGETS[budget_name]`` (tests)."""
+  returns the markdown path. ``budget`` overrides ``BUDGETS[budget_name]`` (tests);
+  ``row_keys``: only these rows (by step name) and the steps they need."""
   check_dataset(dataset)
+  rows = select_rows(row_keys)
+  needed = needed_steps(rows)
   b = budget or BUDGETS[budget_name]
   seeds = b.seeds if seeds is None else seeds
   if seeds < 1:
@@ -246,12 +274,14 @@ def run_table(budget_name: str, seeds: int | None = None, dataset: str = "fashio
   results, commands = [], []
   for seed in range(seeds):
     m = {}
-    for step, make in steps(b, seed, os.path.join(runs_dir, f"seed{seed}"), data_dir).items():
+    for step, make in steps(b, seed, os.path.join(runs_dir, f"seed{seed}"), data_dir, dataset).items():
+      if step not in needed:
+        continue
       cmd, m[step] = run_step(f"seed {seed}: {step}", make(), reuse=reuse, log=log)
       commands.append(cmd)
     results.append(m)
   wall, cpu = time.perf_counter() - start, _cpu() - cpu_start
-  records = summarize(results)
+  records = summarize(results, rows)
   networks = {"lenet": "LeNet", "nin": f"NIN cfg {','.join(map(str, b.nin_cfg))}",
               "nin_gc": f"NIN-GC cfg {','.join(map(str, b.gc_cfg))}"}
   table = markdown_table(records, networks)
@@ -262,14 +292,15 @@ def run_table(budget_name: str, seeds: int | None = None, dataset: str = "fashio
       [dict(label=r["row"], group=networks[r["network"]], size_mb=r["size_mb"], accuracy=_spread(r["accuracy"])[0],
             spread=_spread(r["accuracy"])[1]) for r in records], png,
       f"micronet's compression table on Fashion-MNIST (--budget {budget_name}, {seeds} seed(s))")
-  versions = package_versions()
+  versions, cmdline = package_versions(), "micronet-jax table " + shlex.join(argv or [])
   train_s = sum(m.get("total_seconds", 0.0) for r in results for m in r.values())
-  md = _markdown(budget_name, b, seeds, argv, commands, table, versions, (wall, cpu, train_s), (load_start, _load()), png)
+  md = _markdown(budget_name, b, seeds, cmdline, commands, table, versions, (wall, cpu, train_s),
+                 (load_start, _load()), png)
   path = os.path.join(results_dir, f"{name}.md")
   with open(path, "w") as f:
     f.write(md)
   with open(os.path.join(results_dir, f"{name}.json"), "w") as f:
-    json.dump({"command": _cmdline(argv), "budget": dataclasses.asdict(b), "seeds": seeds, "versions": versions,
+    json.dump({"command": cmdline, "budget": dataclasses.asdict(b), "seeds": seeds, "versions": versions,
                "wall_seconds": wall, "cpu_seconds": cpu, "rows": records}, f, indent=2)
   log(f"\nwrote {path} and {png}")
   return path
@@ -282,33 +313,24 @@ def _cpu() -> float:
 
 
 def _load() -> float | None:
-  return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+  return os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # not on every platform
 
 
-def _cmdline(argv: list[str] | None) -> str:
-  return "micronet-jax table " + shlex.join(argv or [])
-
-
-def _markdown(budget_name, b, seeds, argv, commands, table, versions, seconds, loads, png) -> str:
+def _markdown(budget_name, b, seeds, cmdline, commands, table, versions, seconds, loads, png) -> str:
   (wall, cpu, train_s), (load0, load1) = seconds, loads
   load = "" if load0 is None else f"; 1-minute load average {load0:.1f} at the start, {load1:.1f} at the end"
   text = [
       "# micronet's compression table on Fashion-MNIST", "",
-      f"Produced by `{_cmdline(argv)}` (budget `{budget_name}`, seeds {', '.join(map(str, range(seeds)))}) on "
+      f"Produced by `{cmdline}` (budget `{budget_name}`, seeds {', '.join(map(str, range(seeds)))}) on "
       f"{versions['devices']} ({os.cpu_count()} cores): {wall / 60:.1f} minutes of wall time in all, "
       f"{train_s / 60:.1f} of them training, and {cpu / 60:.1f} minutes of CPU time (user + system){load}. "
       "It ran, one after another:", "",
       "```", *commands, "```", "",
-      f"Budget `{budget_name}`: LeNet float {b.lenet_epochs} epochs, each quantized LeNet {b.lenet_qat_epochs} "
-      f"from the float weights, on {_n(b.lenet_limit_train)} training images; NIN (cfg "
-      f"{', '.join(map(str, b.nin_cfg))}) float {b.nin_epochs} epochs, sparse training (s={b.sparsity:g}) "
-      f"{b.nin_sparse_epochs} from the float weights, pruning {b.prune_percent:.0%} of the channels, fine-tuning "
-      f"{b.nin_finetune_epochs}, IAO W8A8 QAT {b.nin_qat_epochs}, on {_n(b.nin_limit_train)} training images; "
-      f"NIN-GC (cfg {', '.join(map(str, b.gc_cfg))}) {b.gc_epochs} epochs on {_n(b.gc_limit_train)}; PTQ "
-      f"calibrates on {b.ptq_batches} batches of 32. Adam, batch 128; test accuracy on all 10,000 test images "
+      f"Budget `{budget_name}`: {describe(b)} Adam, batch 128; test accuracy on all 10,000 test images "
       "after the last epoch" + (f", mean ± standard deviation over {seeds} seeds." if seeds > 1 else
                                  ", one seed (a difference under about 1 point is within seed noise here)."),
-      "",
+      "" if budget_name == "full" else f"`--budget full` (what a GPU would run; not run here): "
+      f"{describe(BUDGETS['full'])} Seeds 0-{BUDGETS['full'].seeds - 1}.", "",
       "\"vs float\" is the accuracy change against the float model of the same architecture (same seed), in "
       "points; NIN-GC is compared with NIN, and pruned networks with the NIN they were pruned from. Size counts "
       "quantized kernels at their weight bits and everything else at 32 bits (MB = 10^6 bytes); compression is "
@@ -323,8 +345,17 @@ def _markdown(budget_name, b, seeds, argv, commands, table, versions, seconds, l
   return "\n".join(text)
 
 
-def _n(limit: int | None) -> str:
-  return "all 60,000" if limit is None else f"the first {limit:,}"
+def describe(b: Budget) -> str:
+  """The budget in a sentence: epochs, widths and training subsets of each network."""
+  def n(limit: int | None) -> str:
+    return "all 60,000" if limit is None else f"the first {limit:,}"
+  return (f"LeNet float {b.lenet_epochs} epochs, each quantized LeNet {b.lenet_qat_epochs} from the float weights, "
+          f"on {n(b.lenet_limit_train)} training images; NIN (cfg {', '.join(map(str, b.nin_cfg))}) float "
+          f"{b.nin_epochs} epochs, sparse training (s={b.sparsity:g}) {b.nin_sparse_epochs} from the float weights, "
+          f"pruning {b.prune_percent:.0%} of the channels, fine-tuning {b.nin_finetune_epochs}, IAO W8A8 QAT "
+          f"{b.nin_qat_epochs}, on {n(b.nin_limit_train)} training images; NIN-GC (cfg "
+          f"{', '.join(map(str, b.gc_cfg))}) {b.gc_epochs} epochs on {n(b.gc_limit_train)}; PTQ calibrates on "
+          f"{b.ptq_batches} batches of 32.")
 
 
 # ----------------------------------------------------------------------------- the command
@@ -338,6 +369,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files")
   p.add_argument("--runs-dir", default="runs/compression_table", help="where the run directories go")
   p.add_argument("--results-dir", default=os.path.join("experiments", "results"), help="where the table goes")
+  p.add_argument("--rows", nargs="+", default=None, choices=[r.step for r in ROWS], metavar="ROW",
+                 help=f"only these rows (and the runs they start from): {', '.join(r.step for r in ROWS)}")
   p.add_argument("--reuse", action="store_true",
                  help="keep a step whose run already exists, made with exactly this step's config")
 
@@ -354,13 +387,14 @@ def _argv(args: argparse.Namespace) -> list[str]:
   add_arguments(defaults)
   d = vars(defaults.parse_args([]))
   argv = ["--budget", args.budget]
-  for key in ("seeds", "dataset", "data_dir", "runs_dir", "results_dir"):
-    if getattr(args, key) != d[key]:
-      argv += ["--" + key.replace("_", "-"), str(getattr(args, key))]
+  for key in ("seeds", "dataset", "data_dir", "runs_dir", "results_dir", "rows"):
+    value = getattr(args, key)
+    if value != d[key]:
+      argv += ["--" + key.replace("_", "-"), *(value if isinstance(value, list) else [str(value)])]
   return argv + (["--reuse"] if args.reuse else [])
 
 
 def main(args: argparse.Namespace) -> int:
   run_table(args.budget, args.seeds, args.dataset, args.runs_dir, args.results_dir, args.data_dir, args.reuse,
-            argv=_argv(args))
+            argv=_argv(args), row_keys=args.rows)
   return 0
