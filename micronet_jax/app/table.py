@@ -186,17 +186,17 @@ def command(config: Any) -> str:
   return "micronet-jax " + shlex.join(config_to_argv(config))
 
 
-def run_step(name: str, config: Any, reuse: bool = False, log: Callable[[str], Any] = print) -> tuple[str, dict]:
-  """(command, result JSON) of one step; ``reuse`` keeps a finished run made with exactly
-  ``config`` (any other step: with its result file)."""
+def run_step(name: str, config: Any, reuse: bool = False, log: Callable[[str], Any] = print) -> tuple[str, dict, bool]:
+  """(command, result JSON, whether reused) of one step; ``reuse`` keeps a finished run made
+  with exactly ``config`` (any other step: with its result file)."""
   cmd = command(config)
   path = os.path.join(config.out, runs.DEPLOY_FILE if isinstance(config, ConvertConfig) else runs.METRICS_FILE)
   if reuse and os.path.exists(path) and (not isinstance(config, TrainConfig) or runs.is_done(config)):
     log(f"\n=== {name}: reusing {config.out} (made by: {cmd})")
     with open(path) as f:
-      return cmd, json.load(f)
+      return cmd, json.load(f), True
   log(f"\n=== {name}: {cmd}")
-  return cmd, pipelines.run(config, progress=False, log=log, overwrite=True).to_json()
+  return cmd, pipelines.run(config, progress=False, log=log, overwrite=True).to_json(), False
 
 
 def _spread(values: list[float]) -> tuple[float, float]:  # mean and sample standard deviation
@@ -270,15 +270,16 @@ def run_table(budget_name: str, seeds: int | None = None, dataset: str = "fashio
   seeds = b.seeds if seeds is None else seeds
   if seeds < 1:
     raise ConfigError(f"--seeds must be at least 1, got {seeds}")
-  start, load_start, cpu_start = time.perf_counter(), _load(), _cpu()
-  results, commands = [], []
+  start, load_start, cpu_start = time.perf_counter(), os.getloadavg()[0], _cpu()
+  results, commands, reused = [], [], 0
   for seed in range(seeds):
     m = {}
     for step, make in steps(b, seed, os.path.join(runs_dir, f"seed{seed}"), data_dir, dataset).items():
       if step not in needed:
         continue
-      cmd, m[step] = run_step(f"seed {seed}: {step}", make(), reuse=reuse, log=log)
+      cmd, m[step], was_reused = run_step(f"seed {seed}: {step}", make(), reuse=reuse, log=log)
       commands.append(cmd)
+      reused += was_reused
     results.append(m)
   wall, cpu = time.perf_counter() - start, _cpu() - cpu_start
   records = summarize(results, rows)
@@ -294,8 +295,8 @@ def run_table(budget_name: str, seeds: int | None = None, dataset: str = "fashio
       f"micronet's compression table on Fashion-MNIST (--budget {budget_name}, {seeds} seed(s))")
   versions, cmdline = package_versions(), "micronet-jax table " + shlex.join(argv or [])
   train_s = sum(m.get("total_seconds", 0.0) for r in results for m in r.values())
-  md = _markdown(budget_name, b, seeds, cmdline, commands, table, versions, (wall, cpu, train_s),
-                 (load_start, _load()), png)
+  md = _markdown(budget_name, b, seeds, cmdline, commands, table, versions, (wall, cpu, train_s, reused),
+                 (load_start, os.getloadavg()[0]), png)
   path = os.path.join(results_dir, f"{name}.md")
   with open(path, "w") as f:
     f.write(md)
@@ -312,24 +313,21 @@ def _cpu() -> float:
   return r.ru_utime + r.ru_stime
 
 
-def _load() -> float | None:
-  return os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # not on every platform
-
-
 def _markdown(budget_name, b, seeds, cmdline, commands, table, versions, seconds, loads, png) -> str:
-  (wall, cpu, train_s), (load0, load1) = seconds, loads
-  load = "" if load0 is None else f"; 1-minute load average {load0:.1f} at the start, {load1:.1f} at the end"
+  (wall, cpu, train_s, reused), (load0, load1) = seconds, loads
+  load = f"; 1-minute load average {load0:.1f} at the start, {load1:.1f} at the end"
   text = [
       "# micronet's compression table on Fashion-MNIST", "",
       f"Produced by `{cmdline}` (budget `{budget_name}`, seeds {', '.join(map(str, range(seeds)))}) on "
-      f"{versions['devices']} ({os.cpu_count()} cores): {wall / 60:.1f} minutes of wall time in all, "
-      f"{train_s / 60:.1f} of them training, and {cpu / 60:.1f} minutes of CPU time (user + system){load}. "
-      "It ran, one after another:", "",
+      f"{versions['devices']} ({os.cpu_count()} cores): {wall / 60:.1f} minutes of wall time and {cpu / 60:.1f} of "
+      f"CPU time (user + system){load}" + (f", {reused} of the {len(commands)} steps reused from earlier runs with "
+                                           "the same configs" if reused else "")
+      + f"; the training runs record {train_s / 60:.1f} minutes of training. It ran, one after another:", "",
       "```", *commands, "```", "",
       f"Budget `{budget_name}`: {describe(b)} Adam, batch 128; test accuracy on all 10,000 test images "
       "after the last epoch" + (f", mean ± standard deviation over {seeds} seeds." if seeds > 1 else
                                  ", one seed (a difference under about 1 point is within seed noise here)."),
-      "" if budget_name == "full" else f"`--budget full` (what a GPU would run; not run here): "
+      "", "" if budget_name == "full" else f"`--budget full` (what a GPU would run; not run here): "
       f"{describe(BUDGETS['full'])} Seeds 0-{BUDGETS['full'].seeds - 1}.", "",
       "\"vs float\" is the accuracy change against the float model of the same architecture (same seed), in "
       "points; NIN-GC is compared with NIN, and pruned networks with the NIN they were pruned from. Size counts "
