@@ -9,6 +9,8 @@ translations are also checked alone on int32 edge values against JAX. Skipped wh
 onnxruntime is not installed (``pip install -e ".[onnx]"``).
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -49,6 +51,13 @@ class TinyResNet(nn.Module):
     return nn.Dense(10)(ops.global_avg_pool(x))
 
 
+@functools.lru_cache(maxsize=None)
+def _case_deploy(name):
+  """The deploy of CASES[name], built once per test session."""
+  model, rules, shape = CASES[name]
+  return _deploy(model, rules, shape)
+
+
 def _deploy(model, rules, shape, seed=0):
   x = jax.random.uniform(jax.random.key(seed), (64, *shape))
   qmodel = mj.quantize_model(model, rules)
@@ -74,12 +83,12 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_onnxruntime_equals_integer_apply(name):
-  model, rules, shape = CASES[name]
-  deploy = _deploy(model, rules, shape)
+  shape = CASES[name][2]
+  deploy = _case_deploy(name)
   xq = _inputs(deploy, shape)
   acc, logits = session(mj.export_onnx(deploy, shape, batch_size=BATCH)).run(["acc", "logits"], {"x": xq})
-  ref_acc = np.asarray(mj.integer_apply(deploy, jnp.asarray(xq), dequantize=False))
-  ref_logits = np.asarray(mj.integer_apply(deploy, jnp.asarray(xq)))
+  ref_acc, ref_logits = (np.asarray(a) for a in jax.jit(
+      lambda q: (mj.integer_apply(deploy, q, dequantize=False), mj.integer_apply(deploy, q)))(xq))
   assert acc.dtype == np.int32 and logits.dtype == np.float32
   np.testing.assert_array_equal(acc, ref_acc)
   np.testing.assert_array_equal(logits, ref_logits)
@@ -89,7 +98,7 @@ def test_onnxruntime_equals_integer_apply(name):
 def test_graph_is_integer_only_but_the_last_multiply():
   """The weights are int8 initializers; the convolutions and matmuls are integer ops; no
   float tensor exists before the final Cast that feeds ``logits``."""
-  deploy = _deploy(*CASES["lenet"][:2], CASES["lenet"][2])
+  deploy = _case_deploy("lenet")
   m = onnx.load_from_string(mj.export_onnx(deploy, (28, 28, 1)))
   ops_used = {n.op_type for n in m.graph.node}
   assert {"ConvInteger", "MatMulInteger"} <= ops_used
