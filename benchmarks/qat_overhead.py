@@ -133,26 +133,27 @@ def main() -> None:
         step_t[name].append(statistics.median(ts))
 
   def ratio(times, name):
-    base = times[FAMILIES[name][1]]
-    return statistics.median(a / b for a, b in zip(times[name], base))
+    """'median (min-max)' of the per-round ratios to the float model."""
+    rs = [a / b for a, b in zip(times[name], times[FAMILIES[name][1]])]
+    return f"{statistics.median(rs):.3f}x ({min(rs):.2f}-{max(rs):.2f})"
 
   load = open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else ["?"]
   print(f"batch {args.batch_size}, train_chunk of {args.chunk} steps, {args.rounds} rounds, "
         f"{jax.default_backend()} ({jax.devices()[0].device_kind}, {os.cpu_count()} cpus), "
         f"jax {jax.__version__}, NIN cfg {nin_cfg} ({args.nin_chunk}-step chunks), load average {' '.join(load)}")
-  head = "| family | model | float model | scan ms/step | QAT/float (scan) |"
+  head = "| family | model | float model | scan ms/step | QAT/float scan, median (range) |"
   sep = "|---|---|---|---|---|"
   if args.per_step:
-    head += " dispatch ms/step | QAT/float (dispatch) |"
+    head += " dispatch ms/step | QAT/float dispatch, median (range) |"
     sep += "---|---|"
   print(head)
   print(sep)
   for name in names:
     model = "NIN" if FAMILIES[name][0].get("model") == "nin" else "LeNet"
     row = (f"| {name} | {model} | {FAMILIES[name][1]} | {1e3 * statistics.median(chunk_t[name]):.2f} "
-           f"| {ratio(chunk_t, name):.3f}x |")
+           f"| {ratio(chunk_t, name)} |")
     if args.per_step:
-      row += f" {1e3 * statistics.median(step_t[name]):.2f} | {ratio(step_t, name):.3f}x |"
+      row += f" {1e3 * statistics.median(step_t[name]):.2f} | {ratio(step_t, name)} |"
     print(row)
   print("first call (compile + one chunk), s: " + ", ".join(f"{k} {v:.1f}" for k, v in compile_s.items()))
 
