@@ -146,6 +146,22 @@ def train_chunk(state: TrainState, x: Array, y: Array, order: Array,
   return state, jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
 
 
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("batch_sharding",))
+def train_indexed_step(state: TrainState, x: Array, y: Array, order: Array, i: Array,
+                       batch_sharding: Any = None) -> tuple[TrainState, dict[str, Array]]:
+  """One step of ``train_chunk`` on its own: trains on ``x[order[i]]`` (dataset on device).
+
+  XLA:CPU runs a convolution's weight gradient several times slower inside a while loop
+  (``lax.scan``) than as a top-level computation (benchmarks/RESULTS.md), so on CPU
+  ``fit`` dispatches these one by one; the gather stays on device either way."""
+  idx = jax.lax.dynamic_index_in_dim(order, i, keepdims=False)
+  xb, yb = x[idx], y[idx]
+  if batch_sharding is not None:
+    xb = jax.lax.with_sharding_constraint(xb, batch_sharding)
+    yb = jax.lax.with_sharding_constraint(yb, batch_sharding)
+  return _step(state, xb, yb)
+
+
 @functools.partial(jax.jit, static_argnames=("n", "steps", "batch_size"))
 def epoch_order(seed: int, epoch: int, *, n: int, steps: int, batch_size: int) -> Array:
   """(steps, batch_size) indices of epoch ``epoch`` (0-based): a permutation of range(n)
@@ -203,6 +219,7 @@ def fit(
     on_epoch: Callable[[list[dict[str, float]]], Any] | None = None,
     stop: Any = None,
     resume_hint: str = "",
+    scan: bool | None = None,
 ) -> tuple[TrainState, list[dict[str, float]]]:
   """Trains for ``epochs`` epochs, evaluating on the test split after each one.
 
@@ -218,11 +235,16 @@ def fit(
   there is one, saves every ``checkpoints.every`` steps and at each epoch end, and on a
   ``stop`` request (``interrupt.StopOnSignal``) saves and raises ``Interrupted``.
   ``on_epoch`` gets the records so far after each epoch (and once after a resume).
+  ``scan``: run each chunk as one ``lax.scan`` (default: on accelerators) or as its steps
+  dispatched one by one (``train_indexed_step``, the default on CPU, where XLA runs conv
+  gradients inside a loop several times slower); both keep the data on device.
 
   Returns the final state and one record per epoch: train loss/accuracy, test
   loss/accuracy and wall-clock seconds (the first epoch includes compilation).
   """
   mesh = parallel.data_mesh() if mesh is None else mesh
+  # On CPU, steps inside a scan run slower than dispatched ones (``train_indexed_step``).
+  use_scan = mesh.devices.flat[0].platform != "cpu" if scan is None else scan
   parallel.check_divisible(mesh, batch_size)
   parallel.check_divisible(mesh, eval_batch_size, "eval batch size")
   n = len(dataset.x_train)
@@ -260,8 +282,13 @@ def fit(
       end = min((offset // chunk_steps + 1) * chunk_steps, steps_per_epoch)
       bar.set_description(f"epoch {epoch + 1}/{epochs}")
       start = time.perf_counter()
-      state, m = train_chunk(state, x_all, y_all, order[offset:end], batch_sharding=shard)
-      sums = _add(sums, m)
+      if use_scan:
+        state, m = train_chunk(state, x_all, y_all, order[offset:end], batch_sharding=shard)
+        sums = _add(sums, m)
+      else:
+        for i in range(offset, end):
+          state, m = train_indexed_step(state, x_all, y_all, order, np.int32(i), batch_sharding=shard)
+          sums = _add(sums, m)
       jax.block_until_ready(sums)
       seconds += time.perf_counter() - start
       step += end - offset
