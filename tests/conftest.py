@@ -72,6 +72,18 @@ def no_data_sources(monkeypatch, tmp_path):
   return missing
 
 
+def run_cli(capsys, *argv):
+  """(exit status, stdout, stderr) of ``micronet-jax ARGV`` run in this process."""
+  from micronet_jax.app import cli
+
+  try:
+    rc = cli.main([str(a) for a in argv])
+  except SystemExit as e:  # argparse: --help, bad choices
+    rc = e.code
+  out, err = capsys.readouterr()
+  return rc, out, err
+
+
 def fashion_mnist_installed() -> bool:
   return all(data._find(FASHION_MNIST_DIR, stem) for stem in data.IDX_FILES.values())
 

@@ -10,20 +10,10 @@ import subprocess
 
 import pytest
 
-from micronet_jax.app import cli
-from conftest import make_idx_dir
+from conftest import make_idx_dir, run_cli
 
 PREFIX = "micronet-jax train: error: "
 
-
-def run_cli(capsys, *argv):
-  """(exit status, stdout, stderr) of ``micronet-jax ARGV`` run in this process."""
-  try:
-    rc = cli.main([str(a) for a in argv])
-  except SystemExit as e:  # argparse: --help, bad choices
-    rc = e.code
-  out, err = capsys.readouterr()
-  return rc, out, err
 
 
 def error_line(err: str) -> str:

@@ -15,14 +15,13 @@ import pytest
 
 from micronet_jax import models
 
-from micronet_jax.app import cli
 
 from micronet_jax.app import pipelines, recipes, runs
 from micronet_jax.app.config import PruneConfig, TrainConfig
 from micronet_jax.app.errors import ConfigError
 from micronet_jax._src.prune import slimming as P
 from micronet_jax.models import nin as nin_lib
-from conftest import make_idx_dir
+from conftest import make_idx_dir, run_cli
 
 NIN_SMALL = (24, 20, 12, 24, 24, 24, 24, 24)
 NIN_GC_SMALL = (64, 64, 64, 128, 128, 128, 256, 256)
@@ -500,14 +499,6 @@ def test_prune_run_rejects_lenet(tmp_path):
 
 # ----------------------------------------------------------------------------- command line
 
-
-def run_cli(capsys, *argv):
-  try:
-    rc = cli.main([str(a) for a in argv])
-  except SystemExit as e:
-    rc = e.code
-  out, err = capsys.readouterr()
-  return rc, out, err
 
 
 def error_lines(err: str) -> list[str]:

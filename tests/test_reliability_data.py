@@ -11,20 +11,12 @@ import os
 import numpy as np
 import pytest
 
-from micronet_jax.app import cli, data
+from micronet_jax.app import data
 from micronet_jax.app.errors import ConfigError
-from conftest import idx_bytes, make_idx_dir, write_idx
+from conftest import idx_bytes, make_idx_dir, run_cli, write_idx
 
 STEMS = data.IDX_FILES
 
-
-def run_cli(capsys, *argv):
-  try:
-    rc = cli.main([str(a) for a in argv])
-  except SystemExit as e:
-    rc = e.code
-  out, err = capsys.readouterr()
-  return rc, out, err
 
 
 def load_error(folder) -> str:

@@ -11,19 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from micronet_jax.app import cli, pipelines, recipes, runs
+from micronet_jax.app import pipelines, recipes, runs
 from micronet_jax.app.config import ConvertConfig, EvalConfig, PruneConfig, PtqConfig, TrainConfig
 from micronet_jax.app.errors import ConfigError
-from conftest import make_idx_dir
+from conftest import make_idx_dir, run_cli
 
-
-def run_cli(capsys, *argv):
-  try:
-    rc = cli.main([str(a) for a in argv])
-  except SystemExit as e:  # argparse
-    rc = e.code
-  out, err = capsys.readouterr()
-  return rc, out, err
 
 
 def assert_refused(capsys, tmp_path, command, *argv, message: str, quiet: bool = True) -> None:
