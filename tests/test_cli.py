@@ -70,7 +70,7 @@ def test_bad_values_exit_2(capsys, tmp_path, no_data_sources, args, message):
     [
         (["--quant", "foo"], "argument --quant: invalid choice: 'foo'"),
         (["--model", "foo"], "argument --model: invalid choice: 'foo'"),
-        (["--dataset", "cifar10"], "argument --dataset: invalid choice: 'cifar10'"),
+        (["--dataset", "svhn"], "argument --dataset: invalid choice: 'svhn'"),
         (["--w-bits", "eight"], "argument --w-bits: invalid int value: 'eight'"),
         (["--lr-schedule", "step"], "argument --lr-schedule: invalid choice: 'step'"),
     ],

@@ -175,8 +175,8 @@ def test_load_only_three_of_four_files_is_missing_data(tmp_path, no_data_sources
 
 
 def test_load_unknown_dataset():
-  with pytest.raises(data.DataError, match="unknown dataset 'cifar10'"):
-    data.load("cifar10")
+  with pytest.raises(data.DataError, match="unknown dataset 'svhn'"):
+    data.load("svhn")
 
 
 def test_subset(synthetic_idx_dir):

@@ -28,7 +28,7 @@ QUANT_METHODS = ("float", *rules_lib.PRESETS)
 DEPLOY_FORMATS = ("stablehlo", "onnx")  # convert --format
 BINARY_BITS = {"binary": 1, "ternary": 2}  # weight bits of the wbwtab methods
 LR_SCHEDULES = ("constant", "cosine")
-INPUT_SHAPES = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1)}
+INPUT_SHAPES = {"fashion_mnist": (28, 28, 1), "mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 EVAL_BATCH_DEFAULT = 1000  # TrainConfig.eval_batch_size when not given: at most the test set's size
 MAX_SEED = 2**32 - 1  # seeds are taken as unsigned 32-bit integers, so each run has its own
 

@@ -1,5 +1,10 @@
 """Datasets as numpy arrays, and batching.
 
+CIFAR-10 comes only from tensorflow-datasets (``pip install -e ".[tfds]"``): tfds
+downloads and prepares it on first use, which needs the network, and ``data_dir``, when
+given, is tfds's ``data_dir`` (where it is prepared or already lies). Offline, and not
+prepared there, it is a ``DataError`` that says so and how to provide it.
+
 Fashion-MNIST and MNIST come from ``data_dir`` (the four IDX files, gzipped or not, as
 distributed) when it is given, and only from there: a missing folder or a missing file
 is an error naming it, never a silent switch to another copy. Without ``data_dir``,
@@ -16,7 +21,7 @@ labels), its length against its header, 28x28 images, as many labels as images, 
 labels in 0..9; a file that fails is a ``DataError`` (a ``ConfigError``) naming it.
 
 Images are returned as float32 NHWC, scaled to [0, 1] and normalised with the
-dataset's mean and standard deviation; labels as int32.
+dataset's mean and standard deviation (per channel for CIFAR-10); labels as int32.
 """
 
 from __future__ import annotations
@@ -42,11 +47,21 @@ SYSTEM_DIRS = {
     "fashion_mnist": "/usr/share/datasets/fashion-mnist",
     "mnist": "/usr/share/datasets/mnist",
 }
-# Per-dataset pixel mean and std on the training set, for inputs in [0, 1].
-NORMALIZATION = {"fashion_mnist": (0.2860, 0.3530), "mnist": (0.1307, 0.3081)}
+# Per-dataset pixel mean and std on the training set, for inputs in [0, 1]: one value for the
+# grey sets, one per channel (R, G, B) for CIFAR-10. CIFAR-10's std is the pixels' own
+# (0.247, 0.243, 0.261), not the (0.2023, 0.1994, 0.2010) that micronet and many CIFAR
+# scripts copy, which is not the training set's standard deviation.
+NORMALIZATION = {
+    "fashion_mnist": (0.2860, 0.3530),
+    "mnist": (0.1307, 0.3081),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
 DATASETS = tuple(NORMALIZATION)
-NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10}
-IMAGE_SHAPE = {"fashion_mnist": (28, 28), "mnist": (28, 28)}
+NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10}
+IMAGE_SHAPE = {"fashion_mnist": (28, 28), "mnist": (28, 28), "cifar10": (32, 32)}
+CHANNELS = {"fashion_mnist": 1, "mnist": 1, "cifar10": 3}
+TFDS_ONLY = ("cifar10",)  # no IDX files and no Debian package: tensorflow-datasets is the one source
+TITLES = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "cifar10": "CIFAR-10"}  # for messages
 IDX_NDIM = {"train_images": 3, "train_labels": 1, "test_images": 3, "test_labels": 1}
 
 
@@ -126,16 +141,19 @@ def _from_idx_dir(folder: str, name: str) -> dict[str, np.ndarray]:
 
 
 def check_arrays(raw: dict[str, np.ndarray], name: str, where: dict[str, str] | None = None) -> None:
-  """Checks the four raw arrays of ``name``: (N, 28, 28) images, (N,) labels, as many
-  labels as images, labels in 0..NUM_CLASSES-1, at least one example per split. ``where``
-  names each array's file for the message."""
+  """Checks the four raw arrays of ``name``: (N, 28, 28) images ((N, 32, 32, 3) for
+  CIFAR-10), (N,) labels, as many labels as images, labels in 0..NUM_CLASSES-1, at least
+  one example per split. ``where`` names each array's file for the message."""
   where = where or {k: f"{name} {k.replace('_', ' ')}" for k in IDX_FILES}
   h, w = IMAGE_SHAPE[name]
+  c = CHANNELS[name]
+  shape = (h, w) if c == 1 else (h, w, c)  # grey images are stored without a channel axis
   for split in ("train", "test"):
     images, labels = raw[f"{split}_images"], raw[f"{split}_labels"]
     img_file, lbl_file = where[f"{split}_images"], where[f"{split}_labels"]
-    if images.ndim != 3 or images.shape[1:] != (h, w):
-      raise DataError(f"{img_file} holds images of shape {images.shape[1:]}, expected {h}x{w} for {name}")
+    if images.ndim != 1 + len(shape) or images.shape[1:] != shape:
+      raise DataError(f"{img_file} holds images of shape {images.shape[1:]}, expected "
+                      f"{'x'.join(map(str, shape))} for {name}")
     if labels.ndim != 1:
       raise DataError(f"{lbl_file} holds labels of shape {labels.shape}, expected one label per image")
     if len(images) == 0:
@@ -160,21 +178,79 @@ def _from_tfds(name: str) -> dict[str, np.ndarray]:
   return out
 
 
+# tensorflow-datasets does not install TensorFlow, yet encodes CIFAR-10's images with it when
+# preparing and reads them back through tf.data.
+NEEDS_TF = "tensorflow-datasets also needs TensorFlow for CIFAR-10 and does not install it: pip install tensorflow"
+TFDS_OFFLINE_HINT = (
+    "To provide it, prepare it with tensorflow-datasets on a machine that is online:\n"
+    "  python -c \"import tensorflow_datasets as tfds; "
+    "tfds.builder('{name}', data_dir='DIR').download_and_prepare()\"\n"
+    "then copy DIR to this machine and pass --data-dir DIR.")
+
+
+def _from_tfds_arrays(name: str, data_dir: str | None) -> dict[str, np.ndarray]:
+  """The four raw arrays of ``name`` (CIFAR-10) through tensorflow-datasets, prepared in
+  ``data_dir`` (tfds's own default, ~/tensorflow_datasets, when None).
+
+  What ``tfds.load(name, batch_size=-1, as_supervised=True)`` does, in its two steps, so
+  that a failure to download or prepare (offline, as a rule) is told apart from one to
+  read what is prepared. Each is a DataError that says which, with tfds's own words."""
+  try:
+    import tensorflow_datasets as tfds  # optional dependency
+  except ImportError:
+    raise DataError(f"{TITLES[name]} is loaded through tensorflow-datasets, which is not installed: "
+                    f'pip install -e ".[tfds]" ({NEEDS_TF})') from None
+  title = TITLES[name]
+  where = data_dir or "tensorflow-datasets' default data dir ($TFDS_DATA_DIR, else ~/tensorflow_datasets)"
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+    builder.download_and_prepare()  # a no-op where it is prepared already
+  except ImportError as e:  # a module tfds needs (TensorFlow, to encode the images), not the network
+    raise DataError(f"tensorflow-datasets could not prepare {title}: {_one_line(e)} ({NEEDS_TF})") from None
+  except Exception as e:  # tfds wraps the network's errors in its own types; any failure here is the download's
+    raise DataError(
+        f"{title} could not be downloaded: it is not prepared in {where} and tensorflow-datasets could not "
+        "fetch it; this machine looks offline (no network).\n"
+        f"  tensorflow-datasets said: {_one_line(e)}\n" + TFDS_OFFLINE_HINT.format(name=name)) from None
+  out = {}
+  try:
+    for split in ("train", "test"):
+      images, labels = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, as_supervised=True))
+      out[f"{split}_images"], out[f"{split}_labels"] = np.asarray(images), np.asarray(labels)
+  except ImportError as e:
+    raise DataError(f"tensorflow-datasets could not read {title}: {_one_line(e)} ({NEEDS_TF})") from None
+  except Exception as e:  # prepared, but unreadable: a truncated or foreign copy
+    raise DataError(f"{title} is prepared in {where} but could not be read: {_one_line(e)}") from None
+  return out
+
+
+def _one_line(e: BaseException) -> str:
+  """``Type: first line of the message`` (at most 200 characters): tfds's errors run to pages."""
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
 def normalize(images: np.ndarray, name: str) -> np.ndarray:
-  """uint8 (N, H, W) or (N, H, W, C) -> float32 NHWC, (x / 255 - mean) / std."""
+  """uint8 (N, H, W) or (N, H, W, C) -> float32 NHWC, (x / 255 - mean) / std, with one
+  (mean, std) for the grey sets and one per channel (the last axis) for CIFAR-10."""
   mean, std = NORMALIZATION[name]
   x = images.astype(np.float32) / 255.0
   if x.ndim == 3:
     x = x[..., None]
-  return (x - np.float32(mean)) / np.float32(std)
+  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 def load(name: str, data_dir: str | None = None) -> Dataset:
   """Loads ``name`` ("fashion_mnist" or "mnist") from ``data_dir`` (only from there when
-  it is given), else from the first source that has it (see the module docstring)."""
+  it is given), else from the first source that has it; "cifar10" through
+  tensorflow-datasets, with ``data_dir`` as tfds's data_dir (see the module docstring)."""
   if name not in NORMALIZATION:
     raise DataError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
-  if data_dir is not None:  # what the user named, or nothing: never a silent fallback
+  if name in TFDS_ONLY:
+    raw = _from_tfds_arrays(name, data_dir)
+    check_arrays(raw, name)
+    source = "tensorflow-datasets" + (f" ({data_dir})" if data_dir else "")
+  elif data_dir is not None:  # what the user named, or nothing: never a silent fallback
     raw, source = _from_idx_dir(data_dir, name), data_dir
   else:
     raw, source = _default_source(name)

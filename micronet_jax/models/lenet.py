@@ -1,4 +1,4 @@
-"""micronet's LeNet for 28x28x1 inputs, as a plain Linen model."""
+"""micronet's LeNet (for 28x28x1 inputs; any NHWC size of at least 16x16), as a plain Linen model."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ class LeNet(nn.Module):
   ``cfg`` = (conv1, conv2, hidden) so that a pruned network can be rebuilt. ``act`` is
   the activation between the first and the last layer (the three ReLUs); binary
   networks set it to the identity so that the next layer's sign sees the pre-activation.
-  Input (N, 28, 28, 1); output logits (N, num_classes).
+  Input (N, H, W, C), H and W at least 16: (N, 28, 28, 1) for Fashion-MNIST, (N, 32, 32, 3)
+  for CIFAR-10 (the first dense layer takes the flattened 4x4 or 5x5 map, so its input size
+  follows from the input shape at init); output logits (N, num_classes).
   """
 
   # The fields an application may set (``micronet_jax.app.recipes``): widths, the
