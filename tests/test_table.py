@@ -1,6 +1,7 @@
 """The compression table and the plot command on a tiny synthetic dataset: every row run
 through the pipelines, the markdown's rows and values against the runs' own results,
-the PNGs written; CIFAR-10 refused with a message, never a traceback."""
+the PNGs written; an unknown dataset refused before any run (CIFAR-10 offline:
+test_cifar10.py)."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import re
 import pytest
 
 from micronet_jax.app import cli, runs, table
+from micronet_jax.app.errors import ConfigError
 from tests.conftest import make_idx_dir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -105,15 +107,16 @@ def test_rows_need_the_runs_they_start_from():
 
 
 def test_spread_over_seeds():
-  assert table._pm([1.0]) == "1.00"
-  assert table._pm([1.0, 3.0]) == "2.00 ± 1.41"
-  assert table._pm([-1.0, -2.0], "{:+.2f}") == "-1.50 ± 0.71"
+  assert table.format_mean_sd([1.0]) == "1.00"
+  assert table.format_mean_sd([1.0, 3.0]) == "2.00 ± 1.41"
+  assert table.format_mean_sd([-1.0, -2.0], "{:+.2f}") == "-1.50 ± 0.71"
 
 
-def test_cifar10_is_refused_with_a_message(capsys, tmp_path):
-  assert cli.main(["table", "--dataset", "cifar10", "--runs-dir", str(tmp_path)]) == 2
-  err = capsys.readouterr().err
-  assert "cifar10 is not available" in err and "Traceback" not in err
+def test_unknown_dataset_is_refused_before_any_run(tmp_path):
+  # argparse keeps it from the command line; the Python API is checked before a run directory is made
+  with pytest.raises(ConfigError, match="--dataset svhn is not a dataset micronet_jax.app.data loads; .*cifar10"):
+    table.run_table("small", dataset="svhn", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"),
+                    log=lambda _: None)
   assert not os.listdir(tmp_path)
 
 

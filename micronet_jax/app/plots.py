@@ -65,11 +65,11 @@ def accuracy_vs_size(points: Sequence[dict[str, Any]], out: str, title: str) -> 
   for i, p in enumerate(points):
     color = f"C{groups.index(p['group']) % 10}"
     ax.errorbar(p["size_mb"], p["accuracy"], yerr=p["spread"] or None, fmt="o", color=color, capsize=3)
-    # a label whose point nearly coincides with an earlier one's goes below it, so both stay readable
-    near = any(abs(math.log10(p["size_mb"] / q["size_mb"])) < 0.05 and abs(p["accuracy"] - q["accuracy"]) < 1.5
+    # labels of points that nearly coincide stack downwards, one line per earlier neighbour, so all stay readable
+    near = sum(abs(math.log10(p["size_mb"] / q["size_mb"])) < 0.05 and abs(p["accuracy"] - q["accuracy"]) < 1.5
                for q in points[:i])
     ax.annotate(p["label"], (p["size_mb"], p["accuracy"]), textcoords="offset points",
-                xytext=(5, -11 if near else 4), fontsize=7)
+                xytext=(5, 4 - 11 * near), fontsize=7)
   for g in groups:  # legend entries, one per architecture
     ax.plot([], [], "o", color=f"C{groups.index(g) % 10}", label=g)
   ax.set_xscale("log")

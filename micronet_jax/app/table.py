@@ -6,10 +6,10 @@
 Rows, in micronet's order: float; NIN-GC (group convs, channel shuffles); pruned (network
 slimming: sparse training, prune, fine-tune); binary W / float A; ternary W / float A; W1A1;
 W2A1; DoReFa W8A8; IAO W8A8 with BN folding; IAO W4A4; PTQ W8A8; prune + quantize. LeNet
-carries the binary/ternary rows, DoReFa and IAO W4A4; NIN at a reduced width the rows that
-need BatchNorm; each row is compared with the float model of its own architecture. Every
-step is a config run through ``pipelines.run`` (quantized runs start from the float
-weights, micronet's ``--refine``, except DoReFa), reported as the ``micronet-jax`` command that
+carries the binary/ternary rows and IAO W4A4; NIN at a reduced width the rows that need
+BatchNorm (DoReFa's activation clip, folding, slimming); each row is compared with the
+float model of its own architecture. Every step is a config run through ``pipelines.run``
+(quantized runs start from the float weights, micronet's ``--refine``), reported as the ``micronet-jax`` command that
 reproduces it; where a deploy exists it is converted and checked against the fake-quant
 model. Writes ``RESULTS/compression_table.md``, ``.json`` and ``.png``.
 """
@@ -57,12 +57,12 @@ class Budget:
 
 
 BUDGETS = {
-    # NIN at 1/8 of micronet's widths, NIN-GC at 1/16-1/32, training subsets: for 2 CPU cores, 30 minutes.
-    "small": Budget(lenet_epochs=2, lenet_qat_epochs=1, lenet_limit_train=20000,
-                    nin_cfg=(24, 20, 12, 24, 24, 24, 24, 24), nin_epochs=2, nin_sparse_epochs=1,
-                    nin_finetune_epochs=1, nin_qat_epochs=1, nin_limit_train=10000,
-                    gc_cfg=(16, 16, 16, 32, 32, 32, 32, 32), gc_epochs=1, gc_limit_train=5000,
-                    prune_percent=0.3, sparsity=1e-3, ptq_batches=50, seeds=1),
+    # NIN at 1/8 of micronet's widths, NIN-GC at 1/16-1/32, NIN training subsets, 2 seeds: 2 CPU cores, 30 minutes.
+    "small": Budget(lenet_epochs=3, lenet_qat_epochs=2, lenet_limit_train=None,
+                    nin_cfg=(24, 20, 12, 24, 24, 24, 24, 24), nin_epochs=3, nin_sparse_epochs=1,
+                    nin_finetune_epochs=2, nin_qat_epochs=1, nin_limit_train=20000,
+                    gc_cfg=(16, 16, 16, 32, 32, 32, 32, 32), gc_epochs=2, gc_limit_train=10000,
+                    prune_percent=0.3, sparsity=1e-3, ptq_batches=50, seeds=2),
     # micronet's widths and (for NIN) about its float schedule, the whole training set, 3 seeds.
     "full": Budget(lenet_epochs=20, lenet_qat_epochs=10, lenet_limit_train=None,
                    nin_cfg=(192, 160, 96, 192, 192, 192, 192, 192), nin_epochs=60, nin_sparse_epochs=30,
@@ -94,7 +94,7 @@ ROWS = (
     Row("ternary W / float A", "lenet", "2/32", "lenet-ternary-w2a32", "lenet-float", True, 2.0),
     Row("W1A1", "lenet", "1/1", "lenet-binary-w1a1", "lenet-float", True, 8.0),
     Row("W2A1 (ternary W, binary A)", "lenet", "2/1", "lenet-ternary-w2a1", "lenet-float", True),
-    Row("DoReFa W8A8", "lenet", "8/8", "lenet-dorefa-w8a8", "lenet-float", False, 0.5),
+    Row("DoReFa W8A8", "nin", "8/8", "nin-dorefa-w8a8", "nin-float", False, 0.5),
     Row("IAO W8A8, BN folded", "nin", "8/8", "nin-iao-w8a8", "nin-float", True, 0.5),
     Row("IAO W4A4", "lenet", "4/4", "lenet-iao-w4a4", "lenet-float", True),
     Row("PTQ W8A8 (percentile, BN folded)", "nin", "8/8", "nin-ptq-w8a8", "nin-float", True),
@@ -104,7 +104,8 @@ DEPLOY_DIR = "deploy"  # a converted run's artifact: RUN/deploy
 # step -> the step whose run it starts from (a row needs its step, its base and their parents)
 PARENT = {"nin-sparse": "nin-float", "nin-pruned": "nin-sparse", "nin-finetuned": "nin-pruned",
           "nin-pruned-iao-w8a8": "nin-finetuned", "nin-iao-w8a8": "nin-float", "nin-ptq-w8a8": "nin-float",
-          **{r.step: "lenet-float" for r in ROWS if r.deploy and r.network == "lenet"}}  # DoReFa: from scratch
+          "nin-dorefa-w8a8": "nin-float",
+          **{r.step: "lenet-float" for r in ROWS if r.network == "lenet" and r.step != r.base}}
 
 
 def select_rows(keys: Sequence[str] | None = None) -> tuple[Row, ...]:
@@ -148,11 +149,6 @@ def steps(budget: Budget, seed: int, runs_dir: str, data_dir: str | None,
       "lenet-ternary-w2a32": lenet_q("ternary", 2, 32, 1e-2),
       "lenet-binary-w1a1": lenet_q("binary", 1, 1, 1e-2),
       "lenet-ternary-w2a1": lenet_q("ternary", 2, 1, 1e-2),
-      # From random weights on the float schedule: with its [0, 1] activation clip, one epoch from the
-      # float weights gave 59% (lr 1e-4) or 73% (1e-3) against float's 82% (budget small).
-      "lenet-dorefa-w8a8": lambda: TrainConfig(model="lenet", quant="dorefa", w_bits=8, a_bits=8, lr=1e-2,
-                                               epochs=b.lenet_epochs, lr_schedule="cosine",
-                                               out=f"{d}/lenet-dorefa-w8a8", **lenet),
       "lenet-iao-w4a4": lenet_q("iao", 4, 4, 1e-3),
       "nin-float": lambda: TrainConfig(model="nin", model_cfg=b.nin_cfg, quant="float", epochs=b.nin_epochs,
                                        lr=1e-2, lr_schedule="cosine", out=f"{d}/nin-float", **nin),
@@ -161,6 +157,11 @@ def steps(budget: Budget, seed: int, runs_dir: str, data_dir: str | None,
                                           **dict(nin, limit_train=b.gc_limit_train)),
       "nin-iao-w8a8": lambda: runs.train_config(f"{d}/nin-float", quant="iao", w_bits=8, a_bits=8, fold_bn=True,
                                                 lr=1e-4, epochs=b.nin_qat_epochs, out=f"{d}/nin-iao-w8a8", **nin),
+      # On NIN, as in micronet: its BatchNorms absorb DoReFa's activation scale (clip(0.1 x, 0, 1)). On LeNet,
+      # which has none, one epoch from the float weights lost 9 to 23 points (budget small, lr 1e-3 / 1e-4).
+      "nin-dorefa-w8a8": lambda: runs.train_config(f"{d}/nin-float", quant="dorefa", w_bits=8, a_bits=8, lr=1e-3,
+                                                   lr_schedule="cosine", epochs=b.nin_qat_epochs,
+                                                   out=f"{d}/nin-dorefa-w8a8", **nin),
       "nin-ptq-w8a8": lambda: PtqConfig(f"{d}/nin-float", f"{d}/nin-ptq-w8a8", method="percentile",
                                         batches=b.ptq_batches, batch_size=32, fold_bn=True, data_dir=data_dir,
                                         seed=seed),
@@ -199,12 +200,14 @@ def run_step(name: str, config: Any, reuse: bool = False, log: Callable[[str], A
   return cmd, pipelines.run(config, progress=False, log=log, overwrite=True).to_json(), False
 
 
-def _spread(values: list[float]) -> tuple[float, float]:  # mean and sample standard deviation
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+  """The mean and the sample standard deviation (0 for one value) of per-seed results."""
   return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _pm(values: list[float], fmt: str = "{:.2f}") -> str:
-  mean, sd = _spread(values)
+def format_mean_sd(values: Sequence[float], fmt: str = "{:.2f}") -> str:
+  """The "mean ± sd" of per-seed results (the mean alone for one seed), each number in ``fmt``."""
+  mean, sd = mean_sd(values)
   return fmt.format(mean) + (f" ± {sd:.2f}" if len(values) > 1 else "")
 
 
@@ -239,20 +242,19 @@ def markdown_table(records: list[dict[str, Any]], networks: dict[str, str]) -> s
     target = "-" if r["target"] is None else f"≥ -{r['target']:g}: {'met' if r['met'] else 'NOT met'}"
     deploy = "-" if r["deploy_kind"] is None else f"{r['deploy_kind']}, {r['deploy_bytes']:,} B"
     lines.append(
-        f"| {r['row']} | {networks[r['network']]} | {r['bits']} | {_pm(r['accuracy'])} | "
-        f"{'(baseline)' if is_base else _pm(r['delta'], '{:+.2f}')} | {target} | {r['params']:,} | "
+        f"| {r['row']} | {networks[r['network']]} | {r['bits']} | {format_mean_sd(r['accuracy'])} | "
+        f"{'(baseline)' if is_base else format_mean_sd(r['delta'], '{:+.2f}')} | {target} | {r['params']:,} | "
         f"{r['mmacs']:.2f} | {r['size_mb']:.4f} | {100 * r['compression']:.1f}% | {deploy} | "
-        f"{_pm(r['deploy_accuracy']) if r['agreement'] else '-'} | {_pm(r['agreement']) if r['agreement'] else '-'} |")
+        f"{format_mean_sd(r['deploy_accuracy']) if r['agreement'] else '-'} | {format_mean_sd(r['agreement']) if r['agreement'] else '-'} |")
   return "\n".join(lines)
 
 
 def check_dataset(dataset: str) -> None:
-  """Fashion-MNIST always; CIFAR-10 only where the data layer can load it."""
-  if dataset == "cifar10" and dataset not in data_lib.DATASETS:
-    raise ConfigError(
-        "--dataset cifar10 is not available here: micronet_jax.app.data loads only "
-        f"{', '.join(data_lib.DATASETS)} today; CIFAR-10 (32x32x3 through tensorflow-datasets) is not wired into "
-        "it, so the table cannot run it, online or offline. Run the table on fashion_mnist.")
+  """Any dataset the data layer loads (CIFAR-10 included, through tensorflow-datasets;
+  offline, its first run says so); anything else before a run directory is made."""
+  if dataset not in data_lib.DATASETS:
+    raise ConfigError(f"--dataset {dataset} is not a dataset micronet_jax.app.data loads; choose one of "
+                      f"{', '.join(data_lib.DATASETS)}")
 
 
 def run_table(budget_name: str, seeds: int | None = None, dataset: str = "fashion_mnist",
@@ -290,8 +292,8 @@ def run_table(budget_name: str, seeds: int | None = None, dataset: str = "fashio
   os.makedirs(results_dir, exist_ok=True)
   png = os.path.join(results_dir, f"{name}.png")
   plots.accuracy_vs_size(
-      [dict(label=r["row"], group=networks[r["network"]], size_mb=r["size_mb"], accuracy=_spread(r["accuracy"])[0],
-            spread=_spread(r["accuracy"])[1]) for r in records], png,
+      [dict(label=r["row"], group=networks[r["network"]], size_mb=r["size_mb"], accuracy=mean_sd(r["accuracy"])[0],
+            spread=mean_sd(r["accuracy"])[1]) for r in records], png,
       f"micronet's compression table on Fashion-MNIST (--budget {budget_name}, {seeds} seed(s))")
   versions, cmdline = package_versions(), "micronet-jax table " + shlex.join(argv or [])
   train_s = sum(m.get("total_seconds", 0.0) for r in results for m in r.values())
@@ -350,8 +352,8 @@ def describe(b: Budget) -> str:
   return (f"LeNet float {b.lenet_epochs} epochs, each quantized LeNet {b.lenet_qat_epochs} from the float weights, "
           f"on {n(b.lenet_limit_train)} training images; NIN (cfg {', '.join(map(str, b.nin_cfg))}) float "
           f"{b.nin_epochs} epochs, sparse training (s={b.sparsity:g}) {b.nin_sparse_epochs} from the float weights, "
-          f"pruning {b.prune_percent:.0%} of the channels, fine-tuning {b.nin_finetune_epochs}, IAO W8A8 QAT "
-          f"{b.nin_qat_epochs}, on {n(b.nin_limit_train)} training images; NIN-GC (cfg "
+          f"pruning {b.prune_percent:.0%} of the channels, fine-tuning {b.nin_finetune_epochs}, DoReFa and IAO "
+          f"W8A8 QAT {b.nin_qat_epochs} from the float or the fine-tuned weights, on {n(b.nin_limit_train)} training images; NIN-GC (cfg "
           f"{', '.join(map(str, b.gc_cfg))}) {b.gc_epochs} epochs on {n(b.gc_limit_train)}; PTQ calibrates on "
           f"{b.ptq_batches} batches of 32.")
 
@@ -362,9 +364,9 @@ def describe(b: Budget) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--budget", default="small", choices=sorted(BUDGETS),
                  help="small: 2 CPU cores within 30 minutes; full: micronet's widths, what a GPU would run")
-  p.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (default: 1 small, 3 full)")
+  p.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (default: 2 small, 3 full)")
   p.add_argument("--dataset", default="fashion_mnist", choices=["fashion_mnist", "cifar10"])
-  p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files")
+  p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files (cifar10: tensorflow-datasets' data_dir)")
   p.add_argument("--runs-dir", default="runs/compression_table", help="where the run directories go")
   p.add_argument("--results-dir", default=os.path.join("experiments", "results"), help="where the table goes")
   p.add_argument("--rows", nargs="+", default=None, choices=[r.step for r in ROWS], metavar="ROW",
