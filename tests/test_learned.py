@@ -271,7 +271,11 @@ def test_presets_place_the_quantizers():
   assert mj.preset("lsq", 4, 4) == mj.lsq_rules(4, 4)
   keep, pact = mj.pact_rules(2, 3)
   assert keep.keeps_float and keep.index == 0
-  assert pact.weight == mj.DoReFaWeight(2) and pact.act == mj.PactActivation(3)
+  assert pact.weight == mj.LsqWeight(2) and pact.act == mj.PactActivation(3)
+  assert mj.pact_rules(2, 3, per_channel=True)[1].weight == mj.LsqWeight(2, per_channel=True)
+  assert mj.pact_rules(2, 3, weight="dorefa")[1].weight == mj.DoReFaWeight(2)
+  with pytest.raises(ValueError, match="weight must be one of"):
+    mj.pact_rules(2, 3, weight="iao")
   assert mj.preset("pact", 4, 4) == mj.pact_rules(4, 4)
   from micronet_jax.app.config import QUANT_METHODS
   assert {"lsq", "pact"} <= set(QUANT_METHODS)
@@ -333,12 +337,13 @@ def test_qat_steps_lower_the_loss_and_move_the_learned_params(trained, method):
     assert float(jnp.abs(g[layer]["kernel_step"])) > 0
 
 
-def test_pact_rules_train_with_dorefa_weights():
+@pytest.mark.parametrize("weight,learned_params", [("lsq", {"kernel_step", "input_alpha"}), ("dorefa", {"input_alpha"})])
+def test_pact_rules_train(weight, learned_params):
   net = LeNet()
-  qmodel = mj.quantize_model(net, mj.pact_rules(4, 4, alpha_init=1.0))
+  qmodel = mj.quantize_model(net, mj.pact_rules(4, 4, weight=weight, alpha_init=1.0))
   v0 = mj.quantize_variables(qmodel, init_variables(net, X_IMG[:1]), X_IMG)
   assert set(v0["params"]["Conv_0"]) == {"kernel", "bias"}  # the first layer stays float
-  assert set(v0["params"]["Dense_0"]) == {"kernel", "bias", "input_alpha"}
+  assert set(v0["params"]["Dense_0"]) == {"kernel", "bias", *learned_params}
   _, losses, g = _train(qmodel, v0, X_IMG, Y_IMG, 10)
   assert np.mean(losses[-3:]) < np.mean(losses[:3]) and float(jnp.abs(g["Dense_0"]["input_alpha"])) > 0
 

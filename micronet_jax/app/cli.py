@@ -37,6 +37,8 @@ OBSERVER_CHOICES = tuple(OBSERVERS)
 EXIT_USAGE = 2
 
 
+DATA_DIR_CIFAR10 = "cifar10: tensorflow-datasets' data_dir"  # --data-dir's meaning where tfds is the source
+
 def _add_train(sub) -> None:
   d = TrainConfig()
   p = sub.add_parser(
@@ -58,13 +60,16 @@ def _add_train(sub) -> None:
                  "quantize a float one, ...)")
   p.add_argument("--data-dir", default=None,
                  help="folder with the four IDX files; default: the Debian package's folder "
-                 f"({data_lib.SYSTEM_DIRS['fashion_mnist']}), then tensorflow-datasets")
+                 f"({data_lib.SYSTEM_DIRS['fashion_mnist']}), then tensorflow-datasets. For cifar10, which "
+                 "comes only through tensorflow-datasets: its data_dir (default ~/tensorflow_datasets)")
   p.add_argument("--quant", default=d.quant, choices=QUANT_METHODS,
                  help="float: no quantization; dorefa: DoReFa weights/activations, first layer float "
                  "(micronet's placement); iao: affine int-style quantization of every layer "
                  "(weights symmetric per output channel, activations asymmetric per tensor); binary / ternary: "
                  "micronet's wbwtab, 1-bit XNOR-Net / 2-bit TWN weights with the first and last conv float, "
-                 "--a-bits 1 for binary activations or 32 for float ReLU")
+                 "--a-bits 1 for binary activations or 32 for float ReLU; lsq: learned step sizes on every "
+                 "layer, the first and last at 8 bits; pact: learned activation clip (PACT) with LSQ weights, "
+                 "first layer float")
   p.add_argument("--w-bits", type=int, default=None,
                  help=f"weight bits, 2..16 (32 keeps weights float); default {d.w_bits}, binary 1, ternary 2")
   p.add_argument("--a-bits", type=int, default=None,
@@ -130,7 +135,7 @@ def _add_ptq(sub) -> None:
   p.add_argument("--batches", type=int, default=d["batches"], help="calibration batches")
   p.add_argument("--batch-size", type=int, default=d["batch_size"], help="calibration batch size")
   p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm separate (default: fold into convs)")
-  p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files")
+  p.add_argument("--data-dir", default=None, help=f"folder with the dataset's IDX files ({DATA_DIR_CIFAR10})")
   p.add_argument("--seed", type=int, default=d["seed"], help="seed of the calibration batch order")
   p.add_argument("--overwrite", action="store_true",
                  help="replace an existing output directory (the old one is kept until the new one is complete)")
@@ -155,7 +160,8 @@ def _add_prune(sub) -> None:
   p.add_argument("--no-compensate", action="store_true",
                  help="drop pruned channels' ReLU(beta) instead of folding it into the next conv's bias "
                  "(micronet's behaviour)")
-  p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files (for the accuracy report)")
+  p.add_argument("--data-dir", default=None,
+                 help=f"folder with the dataset's IDX files, for the accuracy report ({DATA_DIR_CIFAR10})")
   p.add_argument("--overwrite", action="store_true",
                  help="replace an existing output directory (the old one is kept until the new one is complete)")
   p.add_argument("--out", required=True, help="run directory to write")
@@ -178,7 +184,7 @@ def _add_convert(sub) -> None:
   p.add_argument("--overwrite", action="store_true",
                  help="replace an existing output directory (the old one is kept until the new one is complete)")
   p.add_argument("--out", required=True, help="artifact directory to write")
-  p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files")
+  p.add_argument("--data-dir", default=None, help=f"folder with the dataset's IDX files ({DATA_DIR_CIFAR10})")
   p.add_argument("--format", default="stablehlo", choices=DEPLOY_FORMATS,
                  help="onnx: also write OUT/integer_model.onnx (integer ops, batch 1; needs the onnx extra) and "
                  "check it with onnxruntime against the integer deploy on the test set")
@@ -191,7 +197,7 @@ def _add_eval(sub) -> None:
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   p.add_argument("--artifact", required=True, metavar="DIR", help="directory written by `convert`")
-  p.add_argument("--data-dir", default=None, help="folder with the dataset's IDX files")
+  p.add_argument("--data-dir", default=None, help=f"folder with the dataset's IDX files ({DATA_DIR_CIFAR10})")
   p.add_argument("--limit-test", type=int, default=None, help="evaluate on the first N test images")
 
 

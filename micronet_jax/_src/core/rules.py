@@ -185,17 +185,32 @@ def lsq_rules(w_bits: int = 4, a_bits: int = 4, *, first_last_bits: int | None =
   return (layer(edge_w, edge_a, first=True, index=0), layer(edge_w, edge_a, index=-1), layer(w_bits, a_bits))
 
 
-def pact_rules(w_bits: int = 4, a_bits: int = 4, *, alpha_init: float | None = None) -> tuple[QuantRule, ...]:
-  """PACT (Choi et al. 2018) activations with DoReFa weights, as in the PACT paper, in
-  micronet's DoReFa placement: the first conv/dense layer stays float, every later one
-  quantizes its weights (``DoReFaWeight``) and its input (``PactActivation``: inputs that
-  follow a ReLU; PACT's clip at 0 is that ReLU). DoReFa weights are not on an affine
-  grid, so these models do not convert to integers; ``LsqWeight`` with
-  ``PactActivation`` in your own rules does."""
+PACT_WEIGHTS = ("lsq", "dorefa")  # pact_rules(weight=...)
+
+
+def pact_rules(w_bits: int = 4, a_bits: int = 4, *, weight: str = "lsq", alpha_init: float | None = None,
+               per_channel: bool = False) -> tuple[QuantRule, ...]:
+  """PACT (Choi et al. 2018) activations in micronet's DoReFa placement: the first
+  conv/dense layer stays float, every later one quantizes its weights and its input
+  (``PactActivation``: inputs that follow a ReLU; PACT's clip at 0 is that ReLU).
+
+  ``weight``: ``"lsq"`` (the default) learned-step weights (``LsqWeight``, per tensor or
+  ``per_channel``), which keep the float weights' scale and put the model on an affine
+  grid; ``"dorefa"``: DoReFa weights, the PACT paper's pairing. DoReFa weights lie in
+  [-1, 1] whatever the float weights' scale (mean |w| ~0.5 against LeNet's 0.05-0.12),
+  so each quantized layer multiplies the activations' scale by ~5-10 and, with no
+  BatchNorm to undo it, LeNet's initial logits are ~180 times the float model's. PACT's
+  clip follows that scale (alpha starts from the first batch, and Adam moves it by ~lr a
+  step), unlike DoReFa's activations, whose fixed ``input_scale`` 0.1 cancels it: on a
+  BN-free LeNet PACT with DoReFa weights does not train (train loss 3-14). The PACT
+  paper's networks have a BatchNorm after every conv, where the pairing works."""
+  if weight not in PACT_WEIGHTS:
+    raise ValueError(f"pact_rules: weight must be one of {PACT_WEIGHTS}, got {weight!r}")
+  make_weight = (lambda b: learned.LsqWeight(b, per_channel)) if weight == "lsq" else qz.DoReFaWeight
   return (
       QuantRule(index=0),
       QuantRule(
-          weight=_bits_or_float(w_bits, qz.DoReFaWeight),
+          weight=_bits_or_float(w_bits, make_weight),
           act=_bits_or_float(a_bits, lambda b: learned.PactActivation(b, alpha_init)),
       ),
   )
