@@ -178,9 +178,10 @@ def _from_tfds(name: str) -> dict[str, np.ndarray]:
   return out
 
 
-# tensorflow-datasets does not install TensorFlow, yet encodes CIFAR-10's images with it when
-# preparing and reads them back through tf.data.
-NEEDS_TF = "tensorflow-datasets also needs TensorFlow for CIFAR-10 and does not install it: pip install tensorflow"
+# tensorflow-datasets does not depend on TensorFlow, yet encodes CIFAR-10's images with it when
+# preparing and reads them back through tf.data: our tfds extra installs both.
+NEEDS_TF = ('tensorflow-datasets also needs TensorFlow for CIFAR-10: pip install -e ".[tfds]" installs both, '
+            "or pip install tensorflow")
 TFDS_OFFLINE_HINT = (
     "To provide it, prepare it with tensorflow-datasets on a machine that is online:\n"
     "  python -c \"import tensorflow_datasets as tfds; "
