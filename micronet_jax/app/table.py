@@ -187,9 +187,10 @@ def command(config: Any) -> str:
   return "micronet-jax " + shlex.join(config_to_argv(config))
 
 
-def run_step(name: str, config: Any, reuse: bool = False, log: Callable[[str], Any] = print) -> tuple[str, dict, bool]:
-  """(command, result JSON, whether reused) of one step; ``reuse`` keeps a finished run made
-  with exactly ``config`` (any other step: with its result file)."""
+def run_step(name: str, config: Any, reuse: bool = False, log: Callable[[str], Any] = print,
+             progress: bool = False) -> tuple[str, dict, bool]:
+  """(command, result JSON, whether reused) of one step, run again in place unless ``reuse``
+  finds it finished with exactly ``config`` (a step that is not training: its result file)."""
   cmd = command(config)
   path = os.path.join(config.out, runs.DEPLOY_FILE if isinstance(config, ConvertConfig) else runs.METRICS_FILE)
   if reuse and os.path.exists(path) and (not isinstance(config, TrainConfig) or runs.is_done(config)):
@@ -197,7 +198,7 @@ def run_step(name: str, config: Any, reuse: bool = False, log: Callable[[str], A
     with open(path) as f:
       return cmd, json.load(f), True
   log(f"\n=== {name}: {cmd}")
-  return cmd, pipelines.run(config, progress=False, log=log, overwrite=True).to_json(), False
+  return cmd, pipelines.run(config, progress=progress, log=log, overwrite=True).to_json(), False
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -250,8 +251,7 @@ def markdown_table(records: list[dict[str, Any]], networks: dict[str, str]) -> s
 
 
 def check_dataset(dataset: str) -> None:
-  """Any dataset the data layer loads (CIFAR-10 included, through tensorflow-datasets;
-  offline, its first run says so); anything else before a run directory is made."""
+  """Refuses, before any run directory exists, a dataset the data layer does not load."""
   if dataset not in data_lib.DATASETS:
     raise ConfigError(f"--dataset {dataset} is not a dataset micronet_jax.app.data loads; choose one of "
                       f"{', '.join(data_lib.DATASETS)}")
