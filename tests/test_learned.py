@@ -516,18 +516,36 @@ def test_lsq_lenet_on_fashion_mnist_converts_with_999_agreement(fashion_mnist_sm
 # ----------------------------------------------------------------------------- CLI
 
 
-@pytest.mark.parametrize("quant", ["lsq"])  # pact goes the same way (one CLI run costs ~15 s here)
-def test_cli_trains_with_learned_quantizers(quant, tmp_path):
+@pytest.mark.parametrize("quant,per_channel", [("lsq", False), ("pact", True)])  # ~15 s a CLI run here
+def test_cli_trains_with_learned_quantizers(quant, per_channel, tmp_path):
   from micronet_jax.app import cli, runs
 
   idx = make_idx_dir(tmp_path / "idx", n_train=128, n_test=64, seed=2) and str(tmp_path / "idx")
   out = tmp_path / quant
-  assert cli.main(["train", "--model", "lenet", "--quant", quant, "--w-bits", "4", "--a-bits", "4", "--epochs", "1",
-                   "--batch-size", "64", "--eval-batch-size", "64", "--data-dir", idx, "--out", str(out), "--no-progress"]) == 0
+  argv = ["train", "--model", "lenet", "--quant", quant, "--w-bits", "4", "--a-bits", "4", "--epochs", "1",
+          "--batch-size", "64", "--eval-batch-size", "64", "--data-dir", idx, "--out", str(out)]
+  argv += ["--per-channel"] if per_channel else []
+  config = cli.parse_config(argv)
+  assert config.per_channel is per_channel and cli.parse_config(cli.config_to_argv(config)) == config
+  assert ("--per-channel" in cli.config_to_argv(config)) is per_channel  # the run's reported command says so
+  assert cli.main([*argv, "--no-progress"]) == 0
   with open(out / "metrics.json") as f:
     m = json.load(f)
   assert m["config"]["quant"] == quant and m["label"] == f"{quant} W4A4" and 0 <= m["test_accuracy"] <= 1
+  assert m["config"]["per_channel"] is per_channel
   _, _, v = runs.load_run(str(out))
   name = "input_step" if quant == "lsq" else "input_alpha"
   # started from the first training batch, not from the zeros of the example input (then eps)
   assert float(v["params"]["Dense_0"][name]) > 1e-3
+  # one learned weight step per output channel with --per-channel, one per tensor without
+  dense = v["params"]["Dense_0"]
+  assert dense["kernel_step"].shape == ((dense["kernel"].shape[-1],) if per_channel else ())
+
+
+def test_per_channel_needs_a_learned_step_method():
+  from micronet_jax.app.config import TrainConfig
+  from micronet_jax.app.errors import ConfigError
+
+  with pytest.raises(ConfigError, match="needs --quant lsq or pact, got iao"):
+    TrainConfig(quant="iao", per_channel=True)
+  assert TrainConfig(quant="lsq", per_channel=True).per_channel

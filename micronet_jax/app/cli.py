@@ -84,6 +84,9 @@ def _add_train(sub) -> None:
                  help="constant learning rate, or cosine decay from --lr to 0 over all steps")
   p.add_argument("--fold-bn", action="store_true",
                  help="iao: fold every BatchNorm that directly consumes a conv into the quantized conv")
+  p.add_argument("--per-channel", action="store_true",
+                 help="lsq, pact: learn one weight step per output channel (default: one per tensor, as the LSQ "
+                 "paper); helps where folded BatchNorms give the channels of a kernel different scales")
   p.add_argument("--observer", default=None, choices=OBSERVER_CHOICES,
                  help=f"iao: activation range observer (default: {d.observer}, or the --from run's when it "
                  "has the same --quant)")
@@ -207,7 +210,7 @@ def _add_eval(sub) -> None:
 def _train_config(args: argparse.Namespace) -> TrainConfig:
   given = {k: getattr(args, k) for k in (
       "model", "dataset", "data_dir", "quant", "w_bits", "a_bits", "epochs", "batch_size", "eval_batch_size",
-      "lr", "lr_schedule", "weight_decay", "sparsity", "observer", "fold_bn", "qaft", "seed", "out",
+      "lr", "lr_schedule", "weight_decay", "sparsity", "observer", "fold_bn", "per_channel", "qaft", "seed", "out",
       "limit_train", "limit_test", "checkpoint_every")}
   return runs.train_config(args.from_run, model_cfg=args.cfg, **given)
 

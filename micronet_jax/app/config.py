@@ -25,6 +25,7 @@ from micronet_jax.app import data as data_lib
 from micronet_jax.app.errors import ConfigError
 
 QUANT_METHODS = ("float", *rules_lib.PRESETS)
+LEARNED_STEP_METHODS = ("lsq", "pact")  # methods whose weights have a learned step (--per-channel)
 DEPLOY_FORMATS = ("stablehlo", "onnx")  # convert --format
 BINARY_BITS = {"binary": 1, "ternary": 2}  # weight bits of the wbwtab methods
 LR_SCHEDULES = ("constant", "cosine")
@@ -111,6 +112,7 @@ class TrainConfig:
   sparsity: float = 0.0  # network-slimming L1 strength on BatchNorm scales
   observer: str = "moving_average"  # iao activation observer / calibration method
   fold_bn: bool = False  # iao: fold BatchNorms that directly consume a conv
+  per_channel: bool = False  # lsq, pact: one learned weight step per output channel (else one per tensor)
   qaft: bool = False  # fine-tune with observers and BatchNorm statistics frozen
   seed: int = 0
   out: str = "runs/lenet-iao-w8a8"
@@ -158,6 +160,9 @@ class TrainConfig:
       raise ValueError(f"checkpoint_every must be >= 0 steps, got {self.checkpoint_every}")
     if self.observer not in OBSERVER_NAMES:
       raise ValueError(f"unknown observer {self.observer!r}; choose one of {list(OBSERVER_NAMES)}")
+    if self.per_channel and self.quant not in LEARNED_STEP_METHODS:
+      raise ValueError(f"per_channel (--per-channel) sets learned weight steps: it needs --quant "
+                       f"{' or '.join(LEARNED_STEP_METHODS)}, got {self.quant}")
     if self.qaft and self.quant == "float":
       raise ValueError("qaft fine-tunes a quantized model: choose --quant (and --from a QAT or PTQ run)")
     if self.qaft and self.from_run is None:

@@ -66,7 +66,9 @@ def rules(config: TrainConfig) -> list | None:
     return rules_lib.iao_rules(config.w_bits, config.a_bits, fold_bn=config.fold_bn,
                                observer=make_observer(config.observer, config.a_bits))
   if config.quant == "lsq":
-    return rules_lib.lsq_rules(config.w_bits, config.a_bits, fold_bn=config.fold_bn)
+    return rules_lib.lsq_rules(config.w_bits, config.a_bits, fold_bn=config.fold_bn, per_channel=config.per_channel)
+  if config.quant == "pact":
+    return rules_lib.pact_rules(config.w_bits, config.a_bits, per_channel=config.per_channel)
   return rules_lib.preset(config.quant, config.w_bits, config.a_bits)
 
 

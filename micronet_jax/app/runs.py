@@ -176,12 +176,14 @@ def train_config(from_run: str | None = None, **given: Any) -> TrainConfig:
   src = read_config(from_run) if from_run else d
   quant, qaft = given.pop("quant", d.quant), given.pop("qaft", False)
   fold_bn = given.pop("fold_bn", False)  # a flag: it adds folding, never removes the inherited one
+  per_channel = given.pop("per_channel", False)  # the same
   model = given.pop("model", None) or src.model
   w_bits, a_bits, lr = method_defaults(quant, qaft)
   fields = dict(
       model=model, model_cfg=src.model_cfg if model == src.model else None, dataset=src.dataset,
       quant=quant, qaft=qaft, w_bits=w_bits, a_bits=a_bits, lr=lr, from_run=from_run,
       fold_bn=bool(fold_bn) or (src.fold_bn and quant == src.quant),
+      per_channel=bool(per_channel) or (src.per_channel and quant == src.quant),
       observer=src.observer if quant == src.quant else d.observer,
   )
   fields.update({k: v for k, v in given.items() if v is not None})
