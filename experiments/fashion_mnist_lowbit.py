@@ -18,7 +18,8 @@ report lists each one's ``micronet-jax`` command):
 
 Placements are each method's own (``micronet_jax._src.core.rules``): dorefa keeps the first
 layer float (micronet's); iao quantizes every layer and the image input; lsq every layer,
-the first and last at 8 bits (the paper's choice), the image input on an LSQ+ grid; pact
+the first and last at 8 bits (the paper's choice), the image input on an LSQ+ grid, one
+weight step per tensor (the paper's) or, lsq-pc, per output channel (``--per-channel``); pact
 keeps the first layer float, with LSQ weights and PACT activations. On NIN, iao and lsq
 fold the BatchNorms into the convs (so the model converts to integers).
 
@@ -39,11 +40,11 @@ from report import write_report
 from steps import run_step
 
 NETWORKS = ("lenet", "nin")
-METHODS = ("dorefa", "iao", "lsq", "pact")
+METHODS = ("dorefa", "iao", "lsq", "lsq-pc", "pact")  # lsq-pc: LSQ with one weight step per output channel
 BITS = (4, 3, 2)
-TARGETS = {("lsq", 4): 0.3, ("lsq", 2): 2.0}  # points below float+ft, issue 14
+TARGETS = {(m, b): t for m in ("lsq", "lsq-pc") for b, t in ((4, 0.3), (2, 2.0))}  # points below float+ft, issue 14
 FOLDS = ("iao", "lsq")  # methods whose NIN runs fold BatchNorm
-CONVERTED = ("lsq",)
+CONVERTED = ("lsq", "lsq-pc")
 NIN_CFG = BUDGETS["small"].nin_cfg
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -63,9 +64,10 @@ def seed_steps(net: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
   for b in args.bits:
     for m in args.methods:
       name = f"{m}-w{b}a{b}"
-      s[name] = lambda m=m, b=b, name=name: runs.train_config(
-          base, quant=m, w_bits=b, a_bits=b, epochs=args.qat_epochs, lr=args.lr, lr_schedule="cosine",
-          fold_bn=net == "nin" and m in FOLDS, out=f"{d}/{name}", **common)
+      quant, per_channel = m.removesuffix("-pc"), m.endswith("-pc")
+      s[name] = lambda quant=quant, per_channel=per_channel, b=b, name=name: runs.train_config(
+          base, quant=quant, w_bits=b, a_bits=b, per_channel=per_channel, epochs=args.qat_epochs, lr=args.lr,
+          lr_schedule="cosine", fold_bn=net == "nin" and quant in FOLDS, out=f"{d}/{name}", **common)
       if m in CONVERTED:
         s[f"{name}:deploy"] = lambda name=name: ConvertConfig(f"{d}/{name}", f"{d}/{name}/deploy", args.data_dir)
   return s
@@ -179,8 +181,9 @@ def main() -> int:
           "accuracy is on the 10,000 test images after the last epoch.",
           "Placements: dorefa keeps the first layer float; iao quantizes every layer and the image input; lsq "
           "every layer, the first and the last at 8 bits (the LSQ paper's), the image input on an LSQ+ grid "
-          "(learned offset); pact keeps the first layer float and pairs PACT activations (alpha from the first "
-          "batch, no L2 penalty) with LSQ weights. On NIN, iao and lsq fold every BatchNorm into its conv. LSQ "
+          "(learned offset), one weight step per tensor (lsq-pc: per output channel, `--per-channel`); pact "
+          "keeps the first layer float and pairs PACT activations (alpha from the first batch, no L2 penalty) "
+          "with LSQ weights. On NIN, iao and lsq fold every BatchNorm into its conv. LSQ "
           "runs are converted to the integer deploy and run by `integer_apply` on every test image.",
       ],
       table=text, after=[f"![accuracy against bits]({os.path.basename(png)})"],
