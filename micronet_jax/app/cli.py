@@ -86,7 +86,7 @@ def _add_train(sub) -> None:
                  help="iao: fold every BatchNorm that directly consumes a conv into the quantized conv")
   p.add_argument("--per-channel", action="store_true",
                  help="lsq, pact: learn one weight step per output channel (default: one per tensor, as the LSQ "
-                 "paper); helps where folded BatchNorms give the channels of a kernel different scales")
+                 "paper)")
   p.add_argument("--observer", default=None, choices=OBSERVER_CHOICES,
                  help=f"iao: activation range observer (default: {d.observer}, or the --from run's when it "
                  "has the same --quant)")

@@ -9,9 +9,9 @@ W2A1; DoReFa W8A8; IAO W8A8 with BN folding; IAO W4A4; PTQ W8A8; prune + quantiz
 carries the binary/ternary rows and IAO W4A4; NIN at a reduced width the rows that need
 BatchNorm (DoReFa's activation clip, folding, slimming); each row is compared with the
 float model of its own architecture. Every step is a config run through ``pipelines.run``
-(quantized runs start from the float weights, micronet's ``--refine``), reported as the ``micronet-jax`` command that
-reproduces it; where a deploy exists it is converted and checked against the fake-quant
-model. Writes ``RESULTS/compression_table.md``, ``.json`` and ``.png``.
+(quantized runs start from the float weights, micronet's ``--refine``), reported as the
+``micronet-jax`` command that reproduces it; a deploy, where one exists, is converted and
+checked against the fake-quant model. Writes ``RESULTS/compression_table.md``, .json, .png.
 """
 
 from __future__ import annotations
