@@ -49,6 +49,10 @@ NIN_CFG = BUDGETS["small"].nin_cfg
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def run_name(method: str, bits: int) -> str:
+  return f"{method}-w{bits}a{bits}"
+
+
 def seed_steps(net: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
   """step name -> a function making its config, in run order (a step may read the run
   made by the step before it)."""
@@ -63,7 +67,7 @@ def seed_steps(net: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
   }
   for b in args.bits:
     for m in args.methods:
-      name = f"{m}-w{b}a{b}"
+      name = run_name(m, b)
       quant, per_channel = m.removesuffix("-pc"), m.endswith("-pc")
       s[name] = lambda quant=quant, per_channel=per_channel, b=b, name=name: runs.train_config(
           base, quant=quant, w_bits=b, a_bits=b, per_channel=per_channel, epochs=args.qat_epochs, lr=args.lr,
@@ -78,12 +82,11 @@ def records(results: dict[str, list[dict[str, dict]]], methods, bits) -> list[di
   float+ft, and deploy agreement where the run was converted."""
   out = []
   for net, per_seed in results.items():
-    for name in ["float", "float+ft"] + [f"{m}-w{b}a{b}" for b in bits for m in methods]:
+    for name, method, b in [("float", "float", 32), ("float+ft", "float", 32),
+                            *((run_name(m, b), m, b) for b in bits for m in methods)]:
       acc = [100 * r[name]["test_accuracy"] for r in per_seed]
       delta = [a - 100 * r["float+ft"]["test_accuracy"] for a, r in zip(acc, per_seed)]
       deploys = [r[f"{name}:deploy"] for r in per_seed if f"{name}:deploy" in r]
-      method, _, wa = name.partition("-w")
-      b = int(wa.split("a")[0]) if wa else 32
       target = TARGETS.get((method, b))
       out.append(dict(network=net, run=name, method=method, bits=b, accuracy=acc, delta=delta, target=target,
                       met=None if target is None else mean_sd(delta)[0] >= -target,
@@ -115,16 +118,14 @@ def plot(recs: list[dict[str, Any]], methods, bits, out: str, title: str) -> str
     by = {r["run"]: r for r in recs if r["network"] == net}
     ax.axhline(mean_sd(by["float+ft"]["accuracy"])[0], color="k", ls="--", lw=1, label="float+ft")
     for m in methods:
-      ys = [mean_sd(by[f"{m}-w{b}a{b}"]["accuracy"]) for b in bits]
+      ys = [mean_sd(by[run_name(m, b)]["accuracy"]) for b in bits]
       ax.errorbar(list(bits), [y[0] for y in ys], yerr=[y[1] for y in ys], marker="o", capsize=3, label=m)
     ax.set(title=net, xlabel="W/A bits", ylabel="test accuracy (%)", xticks=list(bits))
     ax.grid(alpha=0.3)
     ax.legend()
   fig.suptitle(title)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  fig.savefig(out, dpi=120)
-  plt.close(fig)
+  plots.save_figure(fig, out, plt)
   return out
 
 

@@ -276,6 +276,8 @@ def test_presets_place_the_quantizers():
   assert mj.pact_rules(2, 3, weight="dorefa")[1].weight == mj.DoReFaWeight(2)
   with pytest.raises(ValueError, match="weight must be one of"):
     mj.pact_rules(2, 3, weight="iao")
+  with pytest.raises(ValueError, match="DoReFa weights have none"):
+    mj.pact_rules(2, 3, weight="dorefa", per_channel=True)
   assert mj.preset("pact", 4, 4) == mj.pact_rules(4, 4)
   from micronet_jax.app.config import QUANT_METHODS
   assert {"lsq", "pact"} <= set(QUANT_METHODS)

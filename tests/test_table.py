@@ -117,6 +117,7 @@ def test_unknown_dataset_is_refused_before_any_run(tmp_path):
   with pytest.raises(ConfigError, match="--dataset svhn is not a dataset micronet_jax.app.data loads; .*cifar10"):
     table.run_table("small", dataset="svhn", runs_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "res"),
                     log=lambda _: None)
+  assert not (tmp_path / "runs").exists() and not (tmp_path / "res").exists()
   assert not os.listdir(tmp_path)
 
 

@@ -50,7 +50,7 @@ def training_curves(run_dirs: Sequence[str], out: str) -> str:
     ax.xaxis.get_major_locator().set_params(integer=True)
   ax_acc.legend(fontsize=7)
   fig.tight_layout()
-  _save(fig, out, plt)
+  save_figure(fig, out, plt)
   return out
 
 
@@ -77,11 +77,12 @@ def accuracy_vs_size(points: Sequence[dict[str, Any]], out: str, title: str) -> 
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  _save(fig, out, plt)
+  save_figure(fig, out, plt)
   return out
 
 
-def _save(fig: Any, out: str, plt: Any) -> None:
+def save_figure(fig: Any, out: str, plt: Any) -> None:
+  """Writes ``fig`` to ``out`` (its folder made if needed) at the project's dpi, and closes it."""
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   fig.savefig(out, dpi=120)
   plt.close(fig)

@@ -206,6 +206,8 @@ def pact_rules(w_bits: int = 4, a_bits: int = 4, *, weight: str = "lsq", alpha_i
   paper's networks have a BatchNorm after every conv, where the pairing works."""
   if weight not in PACT_WEIGHTS:
     raise ValueError(f"pact_rules: weight must be one of {PACT_WEIGHTS}, got {weight!r}")
+  if per_channel and weight != "lsq":
+    raise ValueError("pact_rules: per_channel sets LSQ weight steps; DoReFa weights have none")
   make_weight = (lambda b: learned.LsqWeight(b, per_channel)) if weight == "lsq" else qz.DoReFaWeight
   return (
       QuantRule(index=0),
