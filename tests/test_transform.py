@@ -159,21 +159,27 @@ def test_rule_that_matches_nothing_is_reported():
   assert "rule 0 matched no layer" in text
 
 
-def test_subclassed_layer_is_skipped_and_reported():
+def test_subclassed_layer_is_quantized_like_its_base_with_its_own_call():
   class MyDense(nn.Dense):
-    pass
+    """A subclass with its own __call__ around the base one."""
+
+    @nn.compact
+    def __call__(self, x):
+      return 2.0 * super().__call__(x)
 
   class M(nn.Module):
     @nn.compact
     def __call__(self, x):
       return MyDense(3)(nn.Dense(4)(x))
 
-  x = jnp.ones((2, 5))
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")
-    plans = mj.quantize_model(M(), [mj.QuantRule(weight=W_Q)]).plan(x)
-  assert [(p.path, p.quantized) for p in plans] == [("Dense_0", True), ("MyDense_0", False)]
-  assert "subclasses nn.Dense" in plans[1].note
+  x = jax.random.normal(KEY, (2, 5))
+  qmodel = mj.quantize_model(M(), [mj.QuantRule(weight=W_Q)])
+  plans = qmodel.plan(x)
+  assert [(p.path, p.kind, p.quantized) for p in plans] == [("Dense_0", "dense", True), ("MyDense_0", "dense", True)]
+  v = M().init(KEY, x)
+  h = x @ W_Q.fake_quant(v["params"]["Dense_0"]["kernel"], -1) + v["params"]["Dense_0"]["bias"]
+  want = 2.0 * (h @ W_Q.fake_quant(v["params"]["MyDense_0"]["kernel"], -1) + v["params"]["MyDense_0"]["bias"])
+  np.testing.assert_allclose(qmodel.apply(v, x), want, rtol=1e-6, atol=1e-6)
 
 
 def test_summary_table():
@@ -184,7 +190,12 @@ def test_summary_table():
   assert row["Conv_0"][2] == "float" and row["Conv_0"][4] == "32"
   assert row["Dense_1"][2] == "quantized" and row["Dense_1"][3] == "DoReFaWeight"
   assert row["Dense_1"][4] == "4" and row["Dense_1"][6] == "8"
-  assert lines[-1] == "3 of 4 layers quantized"
+  # DoReFa keeps the first conv float: its 24*24*10*25 of LeNet's 480,500 MACs and its
+  # 250 of 21,840 parameters (the kernels of the three others are quantized: 5000 + 16000 + 500)
+  macs = 24 * 24 * 10 * 25, 8 * 8 * 20 * 250, 320 * 50, 50 * 10
+  assert lines[-1] == (f"3 of 4 layers quantized; quantized: {100 * sum(macs[1:]) / sum(macs):.1f}% of MACs, "
+                       f"{100 * (5000 + 16000 + 500) / 21_840:.1f}% of parameters")
+  assert row["Conv_0"][7] == f"{100 * macs[0] / sum(macs):.1f}%"
 
 
 def test_quantize_variables_keeps_float_weights_and_adds_empty_stats():

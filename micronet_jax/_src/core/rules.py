@@ -1,8 +1,9 @@
 """Quantization rules: which layer gets which quantizers, as plain data.
 
 A rule matches a layer by the regex ``pattern`` (``re.fullmatch`` on the module path,
-e.g. ``"Conv_0"`` or ``"encoder/layers_2/Dense_0"``), by its kind (``"dense"``,
-``"conv"``, ``"conv_transpose"``) and optionally by its ``index`` among the layers of
+e.g. ``"Conv_0"`` or ``"encoder/layers_2/Dense_0"``), by its kind (``LAYER_KINDS``:
+``"dense"``, ``"dense_general"``, ``"einsum"``, ``"conv"``, ``"conv_transpose"``,
+``"embed"``; ``ACT_ONLY_KINDS``: ``"add"``, ``"attention"``) and optionally by its ``index`` among the layers of
 those kinds in call order (0 is the first, -1 the last). The first rule that matches a
 layer decides it; a rule with ``weight=None`` and ``act=None`` keeps the layer float,
 and a layer no rule matches stays float too. Rules that match nothing are reported.
@@ -19,8 +20,14 @@ from micronet_jax._src.core import observers as obs
 from micronet_jax._src.core import quantizers as qz
 from micronet_jax._src.core.protocol import check_quantizer
 
-LAYER_KINDS = ("dense", "conv", "conv_transpose")
-KINDS = (*LAYER_KINDS, "add")  # "add": the marked residual add, ``ops.Add`` (activation only)
+# Layers with a weight: Flax's Dense, DenseGeneral, Einsum, Conv, ConvTranspose and Embed
+# (Linen and NNX: nnx.Linear is "dense", nnx.LinearGeneral "dense_general").
+LAYER_KINDS = ("dense", "dense_general", "einsum", "conv", "conv_transpose", "embed")
+# Activation-only kinds: "add", the marked residual add (``ops.Add``); "attention", an
+# activation x activation product inside an attention layer (QK^T, PV), both operands
+# quantized by the rule's ``act``.
+ACT_ONLY_KINDS = ("add", "attention")
+KINDS = (*LAYER_KINDS, *ACT_ONLY_KINDS)
 
 
 @dataclasses.dataclass(frozen=True)

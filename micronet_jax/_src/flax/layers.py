@@ -19,56 +19,39 @@ loads into a quantized model unchanged.
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from micronet_jax._src.flax import seam
-from micronet_jax._src.core.protocol import AffineGrid, QState
-from micronet_jax._src.core.quantizers import bias_fake_quant
+from micronet_jax._src.core import seam as core
+from micronet_jax._src.core.seam import INPUT_STATS, accumulator_scale  # noqa: F401  (used by bn_fold)
+from micronet_jax._src.flax.seam import LinenSeam
 
 Array = jax.Array
-INPUT_STATS = "input"
 
 
 def quantize_input(module: nn.Module, x: Array, q: Any) -> Array:
   """Fake-quantizes a layer's input with the activation quantizer ``q`` (None: as is),
   keeping its state under the role ``input`` of ``module``. Call it inside ``module``'s
   method."""
-  return seam.apply_quantizer(module, INPUT_STATS, q, x, None)
+  return core.apply_quantizer(LinenSeam(module), INPUT_STATS, q, x, None)
 
 
 def input_scale(module: nn.Module, q: Any) -> Array | None:
   """S_in of an affine input quantizer from the stored (this call's) state, or None."""
-  if not isinstance(q, AffineGrid):
-    return None
-  state = seam.quantizer_state(module, INPUT_STATS, q)
-  if state.stats is None and state.params is None:
-    return None
-  return q.grid(None, state, None)[0]
-
-
-def accumulator_scale(weight_quant: Any, kernel: Array, s_in: Array | None, out_axis: int,
-                      qstate: QState = QState()) -> Array | None:
-  """S_in * S_w per output channel (broadcasting against the bias), or None when either
-  quantizer is not affine."""
-  if s_in is None or not isinstance(weight_quant, AffineGrid):
-    return None
-  s_w = weight_quant.grid(jax.lax.stop_gradient(kernel), qstate, out_axis)[0]
-  return s_in * jnp.reshape(s_w, (-1,)) if s_w.size > 1 else s_in * jnp.reshape(s_w, ())
+  return core.input_scale(LinenSeam(module), q)
 
 
 def quantize_kernel(module: nn.Module, name: str, value: Any, out_axis: int) -> Any:
   if name == "bias":
-    scale = accumulator_scale(module.weight_quant, module.get_variable("params", "kernel"),
-                              input_scale(module, module.act_quant), out_axis,
-                              seam.quantizer_state(module, "kernel", module.weight_quant))
-    return value if scale is None else bias_fake_quant(value, scale)
+    return core.quantize_bias(LinenSeam(module), value, module.weight_quant, module.get_variable("params", "kernel"),
+                              module.act_quant, out_axis)
   if name != "kernel":
     return value
-  return seam.apply_quantizer(module, "kernel", module.weight_quant, value, out_axis)
+  return core.apply_quantizer(LinenSeam(module), "kernel", module.weight_quant, value, out_axis)
 
 
 class QuantDense(nn.Dense):
@@ -121,10 +104,122 @@ class QuantConvTranspose(nn.ConvTranspose):
     return super().__call__(quantize_input(self, inputs, self.act_quant))
 
 
-# float layer type -> its quantized counterpart; the transform swaps exactly these.
+# float layer type -> its quantized counterpart (hand-written layers).
 QUANTIZED_COUNTERPART: dict[type, type] = {
     nn.Dense: QuantDense,
     nn.Conv: QuantConv,
     nn.ConvTranspose: QuantConvTranspose,
 }
-LAYER_KIND: dict[type, str] = {nn.Dense: "dense", nn.Conv: "conv", nn.ConvTranspose: "conv_transpose"}
+
+# ----------------------------------------------------------------------------- any layer, by its operands
+
+
+class AttentionProduct(nn.Module):
+  """An activation x activation product, ``jnp.einsum(subscripts, lhs, rhs)``, with both
+  operands fake-quantized by ``act_quant`` (roles ``lhs`` and ``rhs``; None: float).
+
+  ``MultiHeadDotProductAttention`` builds its QK^T and PV einsums from the factories
+  ``qk_attn_weights_einsum_cls``/``attn_weights_value_einsum_cls`` (the fields Flax keeps
+  for quantized einsums); the transform sets them to this module, named ``qk_product``
+  and ``pv_product``, so the products are layers a rule can select (kind ``"attention"``).
+  Float, it creates no variables and computes exactly ``jnp.einsum``.
+  """
+
+  act_quant: Any = None
+
+  @nn.compact
+  def __call__(self, subscripts: str, lhs: Array, rhs: Array, **einsum_kwargs: Any) -> Array:
+    seam = LinenSeam(self)
+    lhs = core.apply_quantizer(seam, "lhs", self.act_quant, lhs, None)
+    rhs = core.apply_quantizer(seam, "rhs", self.act_quant, rhs, None)
+    return jnp.einsum(subscripts, lhs, rhs, **einsum_kwargs)
+
+
+PRODUCT_NAMES = ("qk_product", "pv_product")  # the children that expose an attention's two products
+
+
+def exposes_products(module: nn.MultiHeadDotProductAttention) -> bool:
+  """Whether the attention's products can be exposed as ``AttentionProduct`` children:
+  Flax's own ``dot_product_attention`` with no einsum factories or precision of the
+  user's (``dot_product_attention`` refuses a precision next to custom einsums)."""
+  return (module.attention_fn is nn.dot_product_attention and module.qk_attn_weights_einsum_cls is None
+          and module.attn_weights_value_einsum_cls is None and module.precision is None)
+
+
+def with_products(module: nn.MultiHeadDotProductAttention) -> nn.Module:
+  """The attention ``module`` rebuilt on its own scope with its QK^T and PV einsums as
+  float ``AttentionProduct`` children (see ``AttentionProduct``); same variables."""
+  from micronet_jax._src.flax.plan import float_fields, rebind  # the plan owns field copying
+
+  qk, pv = (functools.partial(AttentionProduct, name=n) for n in PRODUCT_NAMES)
+  return type(module)(**{**float_fields(module), "qk_attn_weights_einsum_cls": qk,
+                         "attn_weights_value_einsum_cls": pv}, **rebind(module))
+
+
+def _einsum_out_axes(subscripts: str, kernel_ndim: int) -> tuple[int, ...]:
+  """Kernel axes of an ``nn.Einsum`` that reach the output (its output channels, and
+  any batch axis it shares with the input)."""
+  inputs, out = subscripts.replace(" ", "").split("->")
+  kernel = inputs.split(",")[1].replace("...", "")
+  axes = tuple(i for i, c in enumerate(kernel) if c in out)
+  return axes or (kernel_ndim - 1,)
+
+
+def kernel_out_axes(module: nn.Module, kernel_ndim: int, call_args: tuple = (), call_kwargs: dict | None = None
+                    ) -> tuple[int, ...]:
+  """The output-channel axes of ``module``'s weight (a per-channel quantizer keeps one
+  scale per output channel): -1 for Dense/Conv, -2 for ``ConvTranspose(transpose_kernel=
+  True)``, every feature (and batch) axis of a ``DenseGeneral``, the kernel axes an
+  ``Einsum`` keeps, and the rows (tokens) of an ``Embed`` table."""
+  if isinstance(module, nn.Embed):
+    return (0,)
+  if isinstance(module, nn.ConvTranspose):
+    return (-2,) if module.transpose_kernel else (-1,)
+  if isinstance(module, nn.DenseGeneral):
+    n_features = len(module.features) if isinstance(module.features, (tuple, list)) else 1
+    n_batch = len(module.batch_dims) if isinstance(module.batch_dims, (tuple, list)) else 1
+    return tuple(range(n_batch)) + tuple(range(kernel_ndim - n_features, kernel_ndim))
+  if isinstance(module, nn.Einsum):
+    kwargs = call_kwargs or {}
+    subscripts = kwargs.get("einsum_str", call_args[1] if len(call_args) > 1 else None) or module.einsum_str
+    return _einsum_out_axes(subscripts, kernel_ndim)
+  return (-1,)
+
+
+class QuantOperands:
+  """A ``promote_dtype`` that fake-quantizes the operands a Flax layer hands it.
+
+  Every Flax layer with a weight (``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``,
+  ``ConvTranspose``, ``Embed``) passes its operands through its ``promote_dtype`` field
+  right before the matmul/conv: ``(inputs, kernel, bias)``, or ``(embedding,)`` for a
+  lookup and ``(query, embedding)`` for ``Embed.attend``. The transform rebuilds a layer a
+  rule quantizes, user subclasses included, with this object in that field (bound to the
+  rebuilt layer by ``bind``), so the layer's own code runs on quantized operands: the
+  input by ``act_quant`` (role ``input``), the weight by ``weight_quant`` (role = its param
+  name) per output channel on ``out_axes``, the bias onto the int32 accumulator grid. Then
+  the layer's own ``promote_dtype`` runs.
+  """
+
+  def __init__(self, inner: Callable, weight_quant: Any, act_quant: Any, out_axes: tuple[int, ...],
+               weight_role: str = "kernel"):
+    self.inner, self.weight_quant, self.act_quant = inner, weight_quant, act_quant
+    self.out_axes, self.weight_role = out_axes, weight_role
+    self.module: nn.Module | None = None
+
+  def bind(self, module: nn.Module) -> nn.Module:
+    self.module = module
+    return module
+
+  def __call__(self, *operands: Any, **kwargs: Any) -> Any:
+    seam = LinenSeam(self.module)
+    if len(operands) == 1:  # an embedding lookup: the table only
+      (table,) = operands
+      return self.inner(core.quantize_weight(seam, self.weight_role, self.weight_quant, table, self.out_axes),
+                        **kwargs)
+    x, w, *bias = operands
+    x = core.apply_quantizer(seam, INPUT_STATS, self.act_quant, x, None)
+    w_q = core.quantize_weight(seam, self.weight_role, self.weight_quant, w, self.out_axes)
+    if bias:
+      bias = [core.quantize_bias(seam, bias[0], self.weight_quant, core.channels_last(w, self.out_axes),
+                                 self.act_quant, -1 if len(self.out_axes) > 1 else self.out_axes[0])]
+    return self.inner(x, w_q, *bias, **kwargs)

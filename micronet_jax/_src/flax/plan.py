@@ -24,8 +24,9 @@ import numpy as np
 from micronet_jax._src.flax import ops
 
 from micronet_jax._src.flax import seam
-from micronet_jax._src.flax.layers import LAYER_KIND, QuantConv, QuantConvTranspose, QuantDense
-from micronet_jax._src.core.rules import QuantRule, first_match
+from micronet_jax._src.core.rules import ACT_ONLY_KINDS, QuantRule, first_match
+from micronet_jax._src.flax.layers import (AttentionProduct, QuantConv, QuantConvTranspose, QuantDense,
+                                           exposes_products, with_products)
 
 HAND_WRITTEN = {QuantDense: "dense", QuantConv: "conv", QuantConvTranspose: "conv_transpose"}
 
@@ -80,6 +81,9 @@ class ModelPlan:
   layers: tuple[LayerPlan, ...]
   batch_norms: tuple[BatchNormPlan, ...] = ()
   unmatched_rules: tuple[int, ...] = ()
+  products: tuple[Product, ...] = ()  # every matmul/conv of the forward (see ``record``)
+  unexposed: tuple[tuple[str, str], ...] = ()  # (attention path, why its products stay float)
+  params: int | None = None  # parameters of the float model (None: planned from an apply)
 
   def __iter__(self) -> Iterator[LayerPlan]:
     return iter(self.layers)
@@ -113,30 +117,46 @@ class _Layer:
 
   path: str
   module: nn.Module
+  kind: str
   out_axis: int
   in_features: int
   groups: int
   use_bias: bool
   kernel_shape: tuple[int, ...] | None
-  macs: int
+  macs: int = 0
 
 
-def layer_macs(module: nn.Module, example_out_shape: tuple[int, ...], kernel_shape: tuple[int, ...]) -> int:
-  """Multiply-accumulates of one call for one example (``example_out_shape``: the output
-  without its batch axis, so a symbolic batch, as under ``jax.export``, never enters):
-  every output element is one dot product over the kernel's input slice (per group); a
-  transposed conv scatters each input element through the kernel instead."""
-  contraction = int(np.prod(kernel_shape[:-1]))
-  if isinstance(module, nn.ConvTranspose):
-    contraction = int(np.prod(kernel_shape[:-2])) * kernel_shape[-2]
-    return int(np.prod(example_out_shape)) * contraction // int(np.prod(module.strides or (1,)))
-  return int(np.prod(example_out_shape)) * contraction
+# A layer's kind is that of the first base class it is an instance of (subclasses
+# included: a ``class MyDense(nn.Dense)`` is a "dense" layer).
+KIND_OF: tuple[tuple[type, str], ...] = (
+    (AttentionProduct, "attention"),
+    (nn.ConvTranspose, "conv_transpose"),
+    (nn.Conv, "conv"),
+    (nn.DenseGeneral, "dense_general"),
+    (nn.Dense, "dense"),
+    (nn.Einsum, "einsum"),
+    (nn.Embed, "embed"),
+)
+WEIGHT_NAME = {"embed": "embedding"}  # the weight param of a kind, when it is not "kernel"
+LAYER_METHODS = {"__call__", "attend"}  # the methods that compute (``attend``: Embed's matmul)
+
+
+def kind_of(module: nn.Module) -> str | None:
+  """The layer kind of ``module`` (see ``KIND_OF``), or None if it is no layer."""
+  return next((k for base, k in KIND_OF if isinstance(module, base)), None)
 
 
 def float_fields(module: nn.Module) -> dict[str, Any]:
   """A module's constructor fields (to rebuild it, quantized or frozen, on its scope)."""
   return {f.name: getattr(module, f.name) for f in dataclasses.fields(type(module))
           if f.init and f.name not in ("parent", "name")}
+
+
+def rebind(module: nn.Module) -> dict[str, Any]:
+  """Constructor arguments that bind a rebuilt copy of ``module`` to its scope: the same
+  variables, fresh name reservations (a ``setup`` module such as ``nn.Embed`` declares its
+  params again), and the same name, so traces name its ops as the original's."""
+  return {"parent": module.scope.rewound(), "name": module.name}
 
 
 def use_running_average(module: nn.BatchNorm, args, kwargs) -> bool:
@@ -155,20 +175,31 @@ def call_batch_norm(next_fun: Callable, args, kwargs, module: nn.BatchNorm) -> A
   return next_fun(*args, **kwargs)
 
 
+def first_input(args: tuple, kwargs: dict) -> Any:
+  """The array a layer call computes on: its first positional argument, else its first
+  keyword argument (``inputs=``, ``x=``, ``query=``)."""
+  if args:
+    return args[0]
+  return next(iter(kwargs.values()), None)
+
+
 class _Recorder:
-  """The interceptor of ``record``: notes facts, changes nothing."""
+  """The interceptor of ``record``: notes facts, changes no value."""
 
   def __init__(self):
     self.calls: dict[str, _Layer | ops.Add] = {}  # in first-call order
     self.batch_norms: dict[str, BatchNormPlan] = {}
+    self.unexposed: dict[str, str] = {}  # attention path -> why its products stay inside it
     self._outputs: dict[int, tuple[str, Any]] = {}  # id(layer output) -> (path, output)
 
   def __call__(self, next_fun: Callable, args, kwargs, context) -> Any:
     m = context.module
-    if context.method_name != "__call__":
+    if context.method_name not in LAYER_METHODS:
+      return next_fun(*args, **kwargs)
+    if context.method_name == "attend" and not isinstance(m, nn.Embed):
       return next_fun(*args, **kwargs)
     if isinstance(m, nn.BatchNorm):
-      x = args[0] if args else kwargs.get("x")
+      x = first_input(args, kwargs)
       hit = self._outputs.get(id(x))
       follows = hit[0] if hit is not None and hit[1] is x and m.axis in (-1, x.ndim - 1) else None
       path = seam.module_path(m)
@@ -177,39 +208,147 @@ class _Recorder:
     if isinstance(m, ops.Add):
       self.calls.setdefault(seam.module_path(m), m)
       return next_fun(*args, **kwargs)
-    if not isinstance(m, tuple(LAYER_KIND)):
+    if isinstance(m, nn.MultiHeadDotProductAttention) and m.qk_attn_weights_einsum_cls is None:
+      if exposes_products(m):
+        return with_products(m)(*args, **kwargs)
+      self.unexposed[seam.module_path(m)] = ("its attention_fn or precision is the user's: the products stay "
+                                             "inside it")
+      return next_fun(*args, **kwargs)
+    kind = kind_of(m)
+    if kind is None:
       return next_fun(*args, **kwargs)
     out = next_fun(*args, **kwargs)
     path = seam.module_path(m)
-    x = args[0] if args else kwargs.get("inputs")
-    kernel = m.scope.get_variable("params", "kernel")
-    kernel_shape = None if kernel is None else tuple(kernel.shape)
-    macs = 0 if kernel is None else layer_macs(m, out.shape[1:] if x.ndim > 1 else out.shape, kernel_shape)
-    if path in self.calls:
-      self.calls[path].macs += macs
-    else:
+    if path not in self.calls:
+      x = args[1] if kind == "attention" else first_input(args, kwargs)
+      weight = m.scope.get_variable("params", WEIGHT_NAME.get(kind, "kernel"))
+      kernel_shape = None if weight is None else tuple(nn.unbox(weight).shape)
       transposed = isinstance(m, nn.ConvTranspose) and m.transpose_kernel
       groups = int(m.feature_group_count) if isinstance(m, nn.Conv) else 1
-      self.calls[path] = _Layer(path, m, -2 if transposed else -1, int(x.shape[-1]), groups, bool(m.use_bias),
-                                kernel_shape, macs)
+      in_features = int(x.shape[-1]) if getattr(x, "ndim", 0) else 0
+      self.calls[path] = _Layer(path, m, kind, -2 if transposed else -1, in_features, groups,
+                                bool(getattr(m, "use_bias", False)), kernel_shape)
     self._outputs[id(out)] = (path, out)
     return out
 
 
 @dataclasses.dataclass(frozen=True)
+class Product:
+  """One matmul/conv of the traced forward: the module path it ran in (its name stack),
+  the primitive, its multiply-accumulates per example, and the planned layer it belongs
+  to (the deepest layer whose path contains it; None: it ran outside every layer)."""
+
+  path: str
+  primitive: str
+  macs: int
+  layer: str | None
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelGraph:
-  """What ``record`` saw: layer facts and add modules in first-call order, BatchNorms."""
+  """What ``record`` saw: layer facts and add modules in first-call order, BatchNorms,
+  every matmul/conv of the forward."""
 
   calls: tuple[tuple[str, Any], ...]  # (path, _Layer, or the ops.Add module)
   batch_norms: tuple[BatchNormPlan, ...]
+  products: tuple[Product, ...] = ()
+  unexposed: tuple[tuple[str, str], ...] = ()
+  params: int | None = None  # parameters of the float model (None: traced from an apply)
 
 
-def record(fn: Callable[[], Any]) -> ModelGraph:
-  """Traces ``fn`` abstractly (no FLOPs) and returns what it called."""
+def eqn_macs(eqn: Any) -> int:
+  """Multiply-accumulates of one ``dot_general`` or ``conv_general_dilated`` equation
+  (0 for any other): every output element is one dot product over the contracted
+  operand slice; a transposed conv (input dilation) scatters each input element through
+  the kernel, so its zero rows are not counted."""
+  name = eqn.primitive.name
+  out = int(np.prod(eqn.outvars[0].aval.shape))
+  if name == "dot_general":
+    (contract, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    return out * int(np.prod([lhs[a] for a in contract]))
+  if name == "conv_general_dilated":
+    rhs = eqn.invars[1].aval.shape
+    out_dim = eqn.params["dimension_numbers"].rhs_spec[0]
+    dilation = int(np.prod(eqn.params.get("lhs_dilation") or (1,)))
+    return out * (int(np.prod(rhs)) // rhs[out_dim]) // dilation
+  return 0
+
+
+def _sub_jaxprs(eqn: Any) -> Iterator[tuple[Any, int]]:
+  """(inner jaxpr, how many times it runs) for every jaxpr in ``eqn``'s params (a scan
+  body runs ``length`` times; any other once)."""
+  times = int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else 1
+  for v in eqn.params.values():
+    for j in (v if isinstance(v, (tuple, list)) else (v,)):
+      inner = getattr(j, "jaxpr", j)
+      if hasattr(inner, "eqns"):
+        yield inner, times
+
+
+def _module_path(stack: tuple[str, ...]) -> str:
+  """The module path of a name stack: without the root module's name, the ``.method``
+  suffixes (``Embed_0.attend``), and the repeat a rebuilt module (``rebind``) adds."""
+  parts: list[str] = []
+  for c in stack[1:]:
+    c = c.split(".")[0]
+    if not parts or parts[-1] != c:
+      parts.append(c)
+  return "/".join(parts)
+
+
+def _products(jaxpr: Any, stack: tuple[str, ...] = (), times: int = 1) -> Iterator[tuple[str, str, int]]:
+  for eqn in jaxpr.eqns:
+    here = stack + tuple(str(eqn.source_info.name_stack).split("/")) if str(eqn.source_info.name_stack) else stack
+    macs = eqn_macs(eqn)
+    if macs:
+      yield _module_path(here), eqn.primitive.name, macs * times
+    for inner, n in _sub_jaxprs(eqn):
+      yield from _products(inner, here, times * n)
+
+
+def _owner(path: str, layers: Sequence[str]) -> str | None:
+  best = None
+  for p in layers:
+    if (path == p or path.startswith(p + "/")) and (best is None or len(p) > len(best)):
+      best = p
+  return best
+
+
+def _batch_size(args: tuple) -> int:
+  """The leading axis of the first array among a call's positional arguments (1 if it
+  has none): MACs are counted per example."""
+  for leaf in jax.tree.leaves(args):
+    if getattr(leaf, "ndim", 0) > 1:
+      return int(leaf.shape[0])
+  return 1
+
+
+def record(fn: Callable[[], Any], args: tuple = ()) -> ModelGraph:
+  """Traces ``fn`` (a float ``init`` of the model, called with the inputs ``args``) once
+  to a jaxpr (no FLOPs) and returns what it called: layers, BatchNorms, and every
+  matmul/conv with its per-example MACs attributed to the layer it ran in."""
   rec = _Recorder()
-  with nn.intercept_methods(rec):
-    jax.eval_shape(fn)
-  return ModelGraph(tuple(rec.calls.items()), tuple(rec.batch_norms.values()))
+  with nn.intercept_methods(rec), nn.override_named_call(True):  # name stacks attribute every op
+    closed, out = jax.make_jaxpr(fn, return_shape=True)()
+  batch = _batch_size(args)
+  layer_paths = [p for p, layer in rec.calls.items() if isinstance(layer, _Layer)]
+  products = tuple(Product(path, prim, macs // batch, _owner(path, layer_paths))
+                   for path, prim, macs in _products(closed.jaxpr))
+  for prod in products:
+    if prod.layer is not None:
+      rec.calls[prod.layer].macs += prod.macs
+  return ModelGraph(tuple(rec.calls.items()), tuple(rec.batch_norms.values()), products,
+                    tuple(rec.unexposed.items()), _param_count(out))
+
+
+def _param_count(out: Any) -> int | None:
+  """Parameters in what an ``init`` returned (variables, or (output, variables)); None
+  when ``fn`` was an ``apply``, which returns none."""
+  for tree in (out, *(out if isinstance(out, tuple) else ())):
+    if hasattr(tree, "keys") and "params" in tree:
+      return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(tree["params"])))
+  return None
 
 
 # ----------------------------------------------------------------------------- decisions
@@ -238,11 +377,7 @@ def decide(graph: ModelGraph, rules: Sequence[QuantRule]) -> ModelPlan:
     if type(m) in HAND_WRITTEN:
       fixed[path] = LayerPlan(path, HAND_WRITTEN[type(m)], None, m.weight_quant, m.act_quant,
                               "hand-written quantized layer", **facts)
-    elif type(m) not in LAYER_KIND:  # a user subclass of a float layer: its __call__ may differ
-      base = next(b for b in LAYER_KIND if isinstance(m, b))
-      fixed[path] = LayerPlan(path, LAYER_KIND[base], None, None, None,
-                              f"skipped: {type(m).__name__} subclasses nn.{base.__name__}", **facts)
-    rows.append((path, fixed[path].kind if path in fixed else LAYER_KIND[type(m)], layer))
+    rows.append((path, fixed[path].kind if path in fixed else layer.kind, layer))
 
   order = [(p, k) for p, k, _ in rows if p not in fixed]
   follows: dict[str, str] = {}  # layer path -> the first BatchNorm that consumes its output
@@ -266,7 +401,8 @@ def decide(graph: ModelGraph, rules: Sequence[QuantRule]) -> ModelPlan:
       continue
     rule = rules[i]
     folded = follows.get(path) if rule.fold_bn and kind == "conv" else None
-    weight = None if kind == "add" else rule.weight  # an add has inputs, no weights
+    weight = None if kind in ACT_ONLY_KINDS else rule.weight  # adds and products have inputs, no weights
     plans.append(LayerPlan(path, kind, i, weight, rule.act, "BatchNorm folded" if folded else "", folded, **facts))
   used = {p.rule for p in plans}
-  return ModelPlan(tuple(plans), graph.batch_norms, tuple(i for i in range(len(rules)) if i not in used))
+  return ModelPlan(tuple(plans), graph.batch_norms, tuple(i for i in range(len(rules)) if i not in used),
+                   graph.products, graph.unexposed, graph.params)

@@ -1,9 +1,11 @@
-"""The one seam between quantizers and Flax Linen.
+"""The seam contract (``core/seam.py``) implemented on a Flax Linen scope.
 
-Everything the library needs to know about a module's scope is here: its path, whether
-its statistics may move, and where a quantizer's params and stats live. Layers, the
-residual add and BN folding call these functions and never touch scopes themselves, so a
-second framework (NNX) is a second implementation of this module, not of the layers.
+``LinenSeam(module)`` answers the four questions of the contract for a bound Linen module:
+its path is its scope path, params are ``module.param``, statistics are variables of the
+``quant_stats`` collection, and statistics move when that collection is mutable and the
+model is not being initialised (``init`` creates empty observers; it does not observe).
+Layers, the residual add and BN folding call the core functions with a ``LinenSeam`` and
+never touch scopes themselves.
 """
 
 from __future__ import annotations
@@ -13,10 +15,58 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
+from micronet_jax._src.core import seam as core
 from micronet_jax._src.core.protocol import QState
+from micronet_jax._src.core.seam import STATS, state_from  # noqa: F401  (re-exported for the deploy)
 
 Array = jax.Array
-STATS = "quant_stats"
+
+
+class LinenSeam:
+  """The seam of one bound Linen module; use it only inside one of its methods."""
+
+  __slots__ = ("module",)
+
+  def __init__(self, module: nn.Module):
+    self.module = module
+
+  @property
+  def path(self) -> str:
+    return module_path(self.module)
+
+  def param(self, name: str, init: Callable[[], Array]) -> Array:
+    # Linen refuses a second declaration of a name in one call: declare once, then read.
+    # Through the scope, not ``module.param``: a quantizer may run in a method that is
+    # neither ``setup`` nor ``@compact`` (``nn.Embed.attend``).
+    if self.module.has_variable("params", name):
+      return nn.unbox(self.module.get_variable("params", name))
+    return self.module.scope.param(name, lambda _rng: init())
+
+  def stat(self, name: str, init: Callable[[], Any]) -> core.StatRef:
+    if not self.module.has_variable(STATS, name):
+      self.module.scope.variable(STATS, name, init)
+    return _LinenStat(self.module, name)
+
+  @property
+  def stats_move(self) -> bool:
+    return stats_update(self.module)
+
+
+class _LinenStat:
+  """A ``quant_stats`` variable of a bound module, read and written by name."""
+
+  __slots__ = ("module", "name")
+
+  def __init__(self, module: nn.Module, name: str):
+    self.module, self.name = module, name
+
+  @property
+  def value(self) -> Any:
+    return self.module.get_variable(STATS, self.name)
+
+  @value.setter
+  def value(self, v: Any) -> None:
+    self.module.put_variable(STATS, self.name, v)
 
 
 def module_path(module: nn.Module) -> str:
@@ -26,13 +76,8 @@ def module_path(module: nn.Module) -> str:
 
 def stats_update(module: nn.Module) -> bool:
   """Whether observed statistics move in this call: ``quant_stats`` is mutable and the
-  model is not being initialised (init creates empty observers; it does not observe)."""
+  model is not being initialised."""
   return stats_mutable(module) and not module.is_initializing()
-
-
-def stored_stats(module: nn.Module, role: str) -> Any:
-  """The quantizer statistics kept under ``role`` in this module, or None."""
-  return module.get_variable(STATS, role) if module.has_variable(STATS, role) else None
 
 
 def stat(module: nn.Module, name: str, init: Callable[[], Any]) -> Any:
@@ -46,37 +91,8 @@ def stats_mutable(module: nn.Module) -> bool:
 
 
 def apply_quantizer(module: nn.Module, role: str, q: Any, x: Array, channel_axis: int | None) -> Array:
-  """Fake-quantizes ``x`` with ``q`` (None: as is), keeping its state in ``module``:
-  params as ``params/<role>_<name>``, stats as ``quant_stats/<role>``. Call it inside
-  one of ``module``'s methods."""
-  if q is None:
-    return x
-  init = q.init(x, channel_axis)  # traced only; what is not stored is dead code
-  params = None
-  if init.params is not None:
-    params = {k: module.param(f"{role}_{k}", lambda _rng, v=v: v) for k, v in init.params.items()}
-  stats = None
-  if init.stats is not None:
-    stats = stat(module, role, lambda: init.stats)
-  update = stats is not None and stats_update(module)
-  x_q, new_stats = q.apply(x, QState(params, None if stats is None else stats.value),
-                           channel_axis=channel_axis, update=update)
-  if update:
-    stats.value = new_stats
-  # The maths runs in float32 (scales are float32); the layer's dtype is the user's choice.
-  return x_q.astype(x.dtype)
-
-
-def state_from(params: Any, stats: Any, role: str) -> QState:
-  """The state of the quantizer in ``role`` ("input", "kernel") of one layer, from that
-  layer's variable subtrees: ``params`` is ``params/<layer>`` (the quantizer's trainable
-  leaves are stored there as ``<role>_<name>``) and ``stats`` is ``quant_stats/<layer>``
-  (its observed state is ``stats[role]``). Either subtree may be None or lack the role;
-  what the quantizer does not have is None in the result. Pure: no scope, no tracing."""
-  prefix = f"{role}_"
-  own = {k[len(prefix):]: v for k, v in (params or {}).items() if k.startswith(prefix)}
-  observed = stats.get(role) if hasattr(stats, "get") else None
-  return QState(own or None, observed)
+  """``core.seam.apply_quantizer`` on ``module``'s scope (call it inside one of its methods)."""
+  return core.apply_quantizer(LinenSeam(module), role, q, x, channel_axis)
 
 
 def quantizer_state(module: nn.Module, role: str, q: Any) -> QState:

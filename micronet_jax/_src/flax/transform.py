@@ -19,14 +19,17 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from micronet_jax._src.flax import ops
 
 from micronet_jax._src.flax import seam
 from micronet_jax._src.core import quantizers as qz
 from micronet_jax._src.flax.bn_fold import folded_conv_bn
-from micronet_jax._src.flax.layers import LAYER_KIND, QUANTIZED_COUNTERPART, input_scale, quantize_input
-from micronet_jax._src.flax.plan import (LayerPlan, ModelPlan, call_batch_norm, decide, float_fields, record,
+from micronet_jax._src.flax.layers import (AttentionProduct, QuantOperands, exposes_products, input_scale,
+                                           kernel_out_axes, quantize_input, with_products)
+from micronet_jax._src.flax.plan import (HAND_WRITTEN, LAYER_METHODS, WEIGHT_NAME, LayerPlan, ModelPlan,
+                                        call_batch_norm, decide, float_fields, kind_of, rebind, record,
                                         use_running_average)
 from micronet_jax._src.core.rules import QuantRule
 from micronet_jax._src.core.treeutil import shape_mismatches
@@ -49,6 +52,13 @@ def _plan_key(args: tuple, kwargs: dict) -> tuple:
 
   leaves, tree = jax.tree.flatten((args, {k: v for k, v in kwargs.items() if k not in _FLAX_CALL_KWARGS}))
   return tree, tuple(leaf(v) for v in leaves)
+
+
+def _already_quantized(module: nn.Module) -> bool:
+  """Whether ``module`` is a layer the swap itself built (its call is the quantized one)."""
+  if isinstance(module, AttentionProduct):
+    return module.act_quant is not None
+  return isinstance(getattr(module, "promote_dtype", None), QuantOperands)
 
 
 class _Swapper:
@@ -89,7 +99,9 @@ class _Swapper:
 
   def __call__(self, next_fun: Callable, args, kwargs, context) -> Any:
     module = context.module
-    if context.method_name != "__call__" or self._own_calls:
+    if context.method_name not in LAYER_METHODS or self._own_calls:
+      return next_fun(*args, **kwargs)
+    if context.method_name == "attend" and not isinstance(module, nn.Embed):
       return next_fun(*args, **kwargs)
     if isinstance(module, nn.BatchNorm):
       return self._batch_norm(next_fun, args, kwargs, module)
@@ -98,7 +110,12 @@ class _Swapper:
       if plan.act is None or module.act_quant is not None:
         return next_fun(*args, **kwargs)
       return ops.Add(act_quant=plan.act, parent=module.scope)(*args, **kwargs)
-    if not isinstance(module, tuple(LAYER_KIND)):
+    if isinstance(module, nn.MultiHeadDotProductAttention) and module.qk_attn_weights_einsum_cls is None:
+      if exposes_products(module):  # as the plan saw it: its products are layers
+        return with_products(module)(*args, **kwargs)
+      return next_fun(*args, **kwargs)
+    kind = kind_of(module)
+    if kind is None or _already_quantized(module):
       return next_fun(*args, **kwargs)
     plan = self._layer_plan(module)
     if plan.folded_bn is not None:
@@ -106,11 +123,14 @@ class _Swapper:
       z = next_fun(*args, **kwargs)
       self._pending[id(z)] = (module, x_q, input_scale(module, plan.act), plan)
       return z
-    if not plan.quantized or type(module) not in QUANTIZED_COUNTERPART:
+    if not plan.quantized or type(module) in HAND_WRITTEN:
       return next_fun(*args, **kwargs)
-    quant_cls = QUANTIZED_COUNTERPART[type(module)]
-    layer = quant_cls(**float_fields(module), weight_quant=plan.weight, act_quant=plan.act, parent=module.scope)
-    return layer(*args, **kwargs)
+    if kind == "attention":
+      return AttentionProduct(act_quant=plan.act, parent=module.scope)(*args, **kwargs)
+    out_axes = kernel_out_axes(module, len(plan.kernel_shape or ()), args, kwargs)
+    hook = QuantOperands(module.promote_dtype, plan.weight, plan.act, out_axes, WEIGHT_NAME.get(kind, "kernel"))
+    layer = hook.bind(type(module)(**{**float_fields(module), "promote_dtype": hook}, **rebind(module)))
+    return getattr(layer, context.method_name)(*args, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,17 +147,17 @@ class QuantizedModel:
   rules: tuple[QuantRule, ...]
   _plans: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
-  def _plan(self, key: tuple, fn: Callable[[], Any], warn: bool) -> ModelPlan:
+  def _plan(self, key: tuple, fn: Callable[[], Any], warn: bool, args: tuple = ()) -> ModelPlan:
     plan = self._plans.get(key)
     if plan is None:
-      plan = self._plans[key] = decide(record(fn), self.rules)
+      plan = self._plans[key] = decide(record(fn, args), self.rules)
       for i in plan.unmatched_rules if warn else ():
         warnings.warn(f"quantization rule {i} {self.rules[i]} matched no layer of {type(self.model).__name__}; "
                       f"layers: {[p.path for p in plan]}", stacklevel=4)
     return plan
 
   def _run(self, fn: Callable[[], Any], args: tuple, kwargs: dict) -> Any:
-    plan = self._plan(_plan_key(args, kwargs), fn, warn=True)
+    plan = self._plan(_plan_key(args, kwargs), fn, warn=True, args=args)
     with nn.intercept_methods(_Swapper(plan, self.rules)):
       return fn()
 
@@ -154,7 +174,7 @@ class QuantizedModel:
     """The per-layer decisions and facts for inputs ``args`` (abstract evaluation, no FLOPs;
     traced once per input signature)."""
     return self._plan(_plan_key(args, kwargs), lambda: self.model.init(jax.random.key(0), *args, **kwargs),
-                      warn=False)
+                      warn=False, args=args)
 
 
 def quantize_model(model: nn.Module, rules: Sequence[QuantRule]) -> QuantizedModel:
@@ -199,22 +219,54 @@ def quantize_variables(qmodel: QuantizedModel, float_variables: dict, *args, **k
   return out
 
 
+def _share(part: float, whole: float) -> str:
+  return f"{100.0 * part / whole:.1f}%" if whole else "-"
+
+
 def summary(qmodel: QuantizedModel, *args, **kwargs) -> str:
-  """Table of every dense/conv layer: path, kind, float or quantized, quantizers, bits,
-  and the rules that matched nothing. ``args``/``kwargs``: example model inputs."""
+  """A table of every layer and every matmul/conv of the traced forward, and the totals.
+
+  One row per layer (path, kind, float or quantized, quantizers, bits, its share of the
+  model's multiply-accumulates, the deciding rule or why it stays float), then one row
+  per matmul/conv that ran outside every layer (e.g. a ``jnp.dot`` in the model's own
+  code, or the products of an attention whose ``attention_fn`` is the user's), then the
+  rules that matched nothing and the line "quantized: N% of MACs, M% of parameters".
+  MACs are counted from the jaxpr of the forward (``dot_general`` and
+  ``conv_general_dilated``), so nothing the model computes is left out; a layer counts
+  as quantized when its rule gives it a weight or an input quantizer (the bit columns
+  say which). ``args``/``kwargs``: example model inputs, as for ``init``.
+  """
   plans = qmodel.plan(*args, **kwargs)
-  rows = [("layer", "kind", "mode", "weight quantizer", "w bits", "act quantizer", "a bits", "rule")]
+  total_macs = sum(p.macs for p in plans.products)
+  total_params = plans.params
+  if total_params is None:  # planned from an apply: count them from the float init's shapes
+    shapes = jax.eval_shape(lambda: qmodel.model.init(jax.random.key(0), *args, **kwargs))
+    total_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes.get("params", {}))))
+  rows = [("layer", "kind", "mode", "weight quantizer", "w bits", "act quantizer", "a bits", "MACs", "rule / why")]
   for p in plans:
     mode = "quantized" if p.quantized else "float"
     rows.append((
         p.path, p.kind, mode,
         qz.describe(p.weight), str(p.weight.bits) if p.weight is not None else "32",
         qz.describe(p.act), str(p.act.bits) if p.act is not None else "32",
+        _share(p.macs, total_macs),
         ": ".join(str(part) for part in (p.rule, p.note) if part not in (None, "")) or "-",
     ))
+  unexposed = dict(plans.unexposed)
+  outside: dict[tuple[str, str], int] = {}
+  for prod in plans.products:
+    if prod.layer is None:
+      outside[(prod.path, prod.primitive)] = outside.get((prod.path, prod.primitive), 0) + prod.macs
+  for (path, prim), macs in outside.items():
+    why = next((f"inside attention {a}: {w}" for a, w in unexposed.items() if path == a or path.startswith(a + "/")),
+               "not a Flax layer micronet-jax quantizes")
+    rows.append((path or "(model)", prim, "float", "-", "32", "-", "32", _share(macs, total_macs), why))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   fmt = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths))
   lines = [fmt(rows[0]), "-+-".join("-" * w for w in widths), *map(fmt, rows[1:])]
   lines += [f"rule {i} matched no layer: {qmodel.rules[i]}" for i in plans.unmatched_rules]
-  lines.append(f"{sum(p.quantized for p in plans)} of {len(plans)} layers quantized")
+  q_macs = sum(p.macs for p in plans if p.quantized)
+  q_params = sum(int(np.prod(p.kernel_shape)) for p in plans if p.weight is not None and p.kernel_shape)
+  lines.append(f"{sum(p.quantized for p in plans)} of {len(plans)} layers quantized; "
+               f"quantized: {_share(q_macs, total_macs)} of MACs, {_share(q_params, total_params)} of parameters")
   return "\n".join(lines)
