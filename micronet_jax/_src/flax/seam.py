@@ -20,6 +20,7 @@ from micronet_jax._src.core.protocol import QState
 from micronet_jax._src.core.seam import STATS, state_from  # noqa: F401  (re-exported for the deploy)
 
 Array = jax.Array
+BATCH_STATS = "batch_stats"  # Linen's collection of BatchNorm running statistics
 
 
 class LinenSeam:
@@ -51,6 +52,13 @@ class LinenSeam:
   def stats_move(self) -> bool:
     return stats_update(self.module)
 
+  def running(self, name: str, init: Callable[[], Array]) -> core.StatRef:
+    """A BatchNorm's running statistic ``batch_stats/<path>/<name>``, got or created: the
+    extension of the contract that BatchNorm folding needs (``core.bn_fold.BatchNormSeam``)."""
+    if not self.module.has_variable(BATCH_STATS, name):
+      self.module.scope.variable(BATCH_STATS, name, init)
+    return _LinenRunning(self.module, name)
+
 
 class _LinenStat:
   """A ``quant_stats`` variable of a bound module, read and written by name."""
@@ -67,6 +75,23 @@ class _LinenStat:
   @value.setter
   def value(self, v: Any) -> None:
     self.module.put_variable(STATS, self.name, v)
+
+
+class _LinenRunning:
+  """A ``batch_stats`` variable of a bound module, read and written by name."""
+
+  __slots__ = ("module", "name")
+
+  def __init__(self, module: nn.Module, name: str):
+    self.module, self.name = module, name
+
+  @property
+  def value(self) -> Any:
+    return self.module.get_variable(BATCH_STATS, self.name)
+
+  @value.setter
+  def value(self, v: Any) -> None:
+    self.module.put_variable(BATCH_STATS, self.name, v)
 
 
 def module_path(module: nn.Module) -> str:
