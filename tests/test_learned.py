@@ -219,7 +219,7 @@ def test_params_start_from_the_float_weights_and_the_first_batch(lenet_lsq):
   qmodel, fv, v = lenet_lsq
   p = v["params"]
   assert set(p["Conv_0"]) == {"kernel", "bias", "kernel_step", "input_step", "input_offset"}
-  assert set(p["Conv_1"]) == {"kernel", "bias", "kernel_step", "input_step"}
+  assert set(p["Conv_1"]) == {"kernel", "bias", "kernel_step", "input_step", "input_offset"}
   np.testing.assert_array_equal(p["Conv_1"]["kernel"], fv["params"]["Conv_1"]["kernel"])
   np.testing.assert_allclose(p["Conv_1"]["kernel_step"],
                              2 * jnp.mean(jnp.abs(fv["params"]["Conv_1"]["kernel"])) / math.sqrt(7), rtol=1e-6)
@@ -230,8 +230,11 @@ def test_params_start_from_the_float_weights_and_the_first_batch(lenet_lsq):
   np.testing.assert_allclose(p["Conv_0"]["input_step"], (hi - lo) / 255, rtol=1e-6)
   np.testing.assert_allclose(p["Conv_0"]["input_offset"], lo, rtol=1e-6)
   # a hidden input: 2 mean|x| / sqrt(Qp) of what reaches the layer in the quantized model
-  # (the layers before it quantize with their own initial params)
+  # (the layers before it quantize with their own initial params); LeNet's follow a ReLU,
+  # so the grid is LSQ's unsigned one, offset 0
   h = _layer_inputs(qmodel, v, X_IMG)
+  for layer in ("Conv_1", "Dense_0", "Dense_1"):
+    assert float(p[layer]["input_offset"]) == 0.0, layer
   np.testing.assert_allclose(p["Dense_0"]["input_step"], 2 * jnp.mean(jnp.abs(h["Dense_0"])) / math.sqrt(15),
                              rtol=1e-5)
   np.testing.assert_allclose(p["Dense_1"]["input_step"], 2 * jnp.mean(jnp.abs(h["Dense_1"])) / math.sqrt(255),
@@ -262,11 +265,12 @@ def test_specs_follow_the_protocol_and_check_their_bits():
 def test_presets_place_the_quantizers():
   first, last, rest = mj.lsq_rules(3, 2)
   assert (first.index, last.index, rest.index) == (0, -1, None)
-  assert first.weight == mj.LsqWeight(8) and first.act == mj.LsqPlusActivation(8)
-  assert last.weight == mj.LsqWeight(8) and last.act == mj.LsqActivation(8)
-  assert rest.weight == mj.LsqWeight(3) and rest.act == mj.LsqActivation(2)
-  assert mj.lsq_rules(3, 2, first_last_bits=None)[1].act == mj.LsqActivation(2)
-  assert mj.lsq_rules(4, 4, plus=True)[2].act == mj.LsqPlusActivation(4)
+  # the image input from its min/max, every other input LSQ's start on the grid its sign asks for
+  assert first.weight == mj.LsqWeight(8) and first.act == mj.LsqPlusActivation(8, start="minmax")
+  assert last.weight == mj.LsqWeight(8) and last.act == mj.LsqPlusActivation(8, start="lsq")
+  assert rest.weight == mj.LsqWeight(3) and rest.act == mj.LsqPlusActivation(2, start="lsq")
+  assert mj.lsq_rules(3, 2, first_last_bits=None)[1].act == mj.LsqPlusActivation(2, start="lsq")
+  assert mj.lsq_rules(4, 4, plus=True)[2].act == mj.LsqPlusActivation(4, start="minmax")
   assert all(r.fold_bn for r in mj.lsq_rules(4, 4, fold_bn=True))
   assert mj.preset("lsq", 4, 4) == mj.lsq_rules(4, 4)
   keep, pact = mj.pact_rules(2, 3)
@@ -421,12 +425,13 @@ def test_lsq_with_batch_norm_folding_learns_the_step_of_the_folded_kernel(folded
 
 
 def _head(v, h):
-  """The LSQ head of ConvBN on its input h (the last layer: LSQ weights and input)."""
+  """The LSQ head of ConvBN on its input h (the last layer: LSQ weights, LSQ-started LSQ+ input)."""
   p = v["params"]["head"]
-  q_in, q_w = mj.LsqActivation(4), mj.LsqWeight(4)
-  hq = q_in.apply(h, QState(params={"step": p["input_step"]}), channel_axis=None, update=False)[0]
+  q_in, q_w = mj.LsqPlusActivation(4, start="lsq"), mj.LsqWeight(4)
+  s_in = QState(params={"step": p["input_step"], "offset": p["input_offset"]})
+  hq = q_in.apply(h, s_in, channel_axis=None, update=False)[0]
   wq = q_w.apply(p["kernel"], QState(params={"step": p["kernel_step"]}), channel_axis=-1, update=False)[0]
-  acc = q_in.grid(None, QState(params={"step": p["input_step"]}), None)[0] * q_w.grid(
+  acc = q_in.grid(None, s_in, None)[0] * q_w.grid(
       p["kernel"], QState(params={"step": p["kernel_step"]}), -1)[0]
   return hq @ wq + mj.round_ste(p["bias"] / acc) * acc
 
@@ -536,9 +541,14 @@ def test_cli_trains_with_learned_quantizers(quant, per_channel, tmp_path):
   assert m["config"]["quant"] == quant and m["label"] == f"{quant} W4A4" and 0 <= m["test_accuracy"] <= 1
   assert m["config"]["per_channel"] is per_channel
   _, _, v = runs.load_run(str(out))
-  name = "input_step" if quant == "lsq" else "input_alpha"
-  # started from the first training batch, not from the zeros of the example input (then eps)
-  assert float(v["params"]["Dense_0"][name]) > 1e-3
+  # started from the first training batch, not from the zeros of the example input (from
+  # which the step would be the standard-normal fallback and the LSQ grid signed)
+  if quant == "lsq":
+    zeros_start = mj.LsqPlusActivation(4, start="lsq").init(jnp.zeros((1, 256)), None).params
+    assert float(v["params"]["Dense_0"]["input_offset"]) > zeros_start["offset"] / 2  # ~0, not -8 s
+  else:
+    zeros_start = mj.PactActivation(4).init(jnp.zeros((1, 256)), None).params
+    assert abs(float(v["params"]["Dense_0"]["input_alpha"]) - float(zeros_start["alpha"])) > 0.1
   # one learned weight step per output channel with --per-channel, one per tensor without
   dense = v["params"]["Dense_0"]
   assert dense["kernel_step"].shape == ((dense["kernel"].shape[-1],) if per_channel else ())

@@ -179,12 +179,16 @@ def lsq_rules(w_bits: int = 4, a_bits: int = 4, *, first_last_bits: int | None =
   """LSQ (Esser et al. 2020) on every conv/dense layer, its image input included, so the
   model converts to integers. As in the paper the first and the last layer use
   ``first_last_bits`` (8; None: the same bits as the others) for their weights and input.
-  Weights ``LsqWeight`` (per tensor, or ``per_channel``); inputs ``LsqActivation``
-  (unsigned: they follow a ReLU), except the first layer's, which reads the normalised
-  image of either sign: ``LsqPlusActivation`` (a learned offset). ``plus``: LSQ+
-  everywhere. Residual adds (``ops.Add``) stay float. ``fold_bn`` as in ``iao_rules``."""
+  Weights ``LsqWeight`` (per tensor, or ``per_channel``). Inputs ``LsqPlusActivation``
+  (a learned step and offset): the first layer's (the image) from the batch's min and
+  max, every other one ``start="lsq"``, LSQ's step on the grid the first batch's sign
+  calls for (unsigned after a ReLU; signed, zero point 2^(b-1), after a linear
+  bottleneck, a residual add, a LayerNorm), since a rule cannot know which inputs are
+  signed and an unsigned grid clips half of a signed input to 0. ``plus``: the LSQ+
+  paper's min/max start on every input. Residual adds (``ops.Add``) stay float.
+  ``fold_bn`` as in ``iao_rules``."""
   def layer(wb: int, ab: int, first: bool = False, **kw) -> QuantRule:
-    act = learned.LsqPlusActivation(ab) if first or plus else learned.LsqActivation(ab)
+    act = learned.LsqPlusActivation(ab, start="minmax" if first or plus else "lsq")
     return QuantRule(weight=_bits_or_float(wb, lambda b: learned.LsqWeight(b, per_channel)),
                      act=None if ab == 32 else act, fold_bn=fold_bn, **kw)
 
