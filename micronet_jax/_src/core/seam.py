@@ -28,7 +28,9 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 
+from micronet_jax._src.core import observers as obs
 from micronet_jax._src.core.protocol import AffineGrid, QState
+from micronet_jax._src.core.protocol import RangeObserved
 from micronet_jax._src.core.quantizers import bias_fake_quant
 
 Array = jax.Array
@@ -181,3 +183,57 @@ def quantize_weight(seam: Seam, role: str, q: Any, w: Array, out_axes: tuple[int
   w_q = apply_quantizer(seam, role, q, channels_last(w, out_axes), -1)
   w_q = w_q.reshape(tuple(w.shape[a] for a in perm))
   return jnp.transpose(w_q, tuple(perm.index(a) for a in range(w.ndim)))
+
+
+# ----------------------------------------------------------------------------- the residual add
+
+
+def union_range(a: Any, b: Any) -> Any:
+  """The smallest ``RangeState`` covering both: [min(a.min, b.min), max(a.max, b.max)],
+  initialised only when both are (micronet's QuantAdd takes the union of its two
+  observers' ranges before every quantization)."""
+  return obs.RangeState(min=jnp.minimum(a.min, b.min), max=jnp.maximum(a.max, b.max),
+                        initialized=jnp.logical_and(a.initialized, b.initialized))
+
+
+def shared_scale_add(seam: Seam, q: Any, a: Array, b: Array) -> Array:
+  """``a + b`` with both inputs fake-quantized on one shared scale (micronet's QuantAdd).
+
+  Each input has its own observer, statistics ``input_a`` and ``input_b``, moved when
+  ``seam.stats_move``; both inputs are quantized with the scale of the union of the two
+  ranges, kept as ``input`` (what evaluation and the integer converter read). With a
+  moving average per input the shared range is [min(ma(min a), ma(min b)),
+  max(ma(max a), ma(max b))], so the wider branch is never clipped to an average of the
+  two. While nothing has been observed, the union of the batch's two ranges is used.
+
+  Args:
+    seam: the add's seam.
+    q: an activation quantizer with a range observer (``RangeObserved``), or None
+      (float: exactly ``a + b``).
+    a: one input.
+    b: the other input, shaped as ``a``.
+
+  Returns:
+    q(a) + q(b) on the shared scale.
+
+  Raises:
+    ValueError: ``q`` has no range observer (naming the layer).
+  """
+  if q is None:
+    return a + b
+  if not isinstance(q, RangeObserved):
+    raise ValueError(f"Add {seam.path}: the shared input scale needs an activation quantizer with a range "
+                     f"observer (e.g. AffineActivation), got {type(q).__name__}")
+  union = seam.stat(INPUT_STATS, lambda: q.init_state(a))
+  if seam.stats_move:  # the per-input ranges are needed only to update
+    stats_a = seam.stat(INPUT_STATS + "_a", lambda: q.init_state(a))
+    stats_b = seam.stat(INPUT_STATS + "_b", lambda: q.init_state(b))
+    stats_a.value = q.observer.update(stats_a.value, a, None)
+    stats_b.value = q.observer.update(stats_b.value, b, None)
+    union.value = union_range(stats_a.value, stats_b.value)
+  state = union.value
+  batch = union_range(*(obs.MinMax().update(obs.empty_range(), x, None) for x in (a, b)))
+  state = jax.tree.map(lambda s, n: jnp.where(state.initialized, s, n), state, batch)
+  a_q, _ = q.fake_quant(a, state, update=False)
+  b_q, _ = q.fake_quant(b, state, update=False)
+  return a_q + b_q

@@ -7,9 +7,10 @@ NNX and Linen name the same layer the same way: ``nnx.Linear``/``nnx.Conv``/
 ``nn.ConvTranspose``/``nn.BatchNorm``. So an NNX layer at graph path ('block', 0,
 'conv') is the Linen layer at module path 'block/0/conv', and the NNX model's state is
 the Linen variables ``{'params', 'batch_stats', 'quant_stats'}`` with the same paths
-(``linen_variables``). That correspondence is the whole bridge: the quantized NNX
-layers compute with the Linen quantized layers on their own variables, and the plan,
-``summary`` and ``convert`` run on a Linen view of the NNX model (``twin.py``).
+(``linen_variables``). That correspondence is the whole bridge: the plan, ``summary``,
+``quantize_variables`` and ``convert`` run on a Linen view of the NNX model (``twin.py``)
+and their results map back onto it by path. Training never comes here: the quantized
+NNX layers compute through the core on ``NnxSeam`` (``layers.py``, ``seam.py``).
 """
 
 from __future__ import annotations
@@ -21,14 +22,10 @@ import jax
 from flax import nnx
 from flax.nnx.nn import dtypes
 
+from micronet_jax._src.nnx.seam import QuantStats
+
 Array = jax.Array
 Path = tuple[Any, ...]
-
-
-class QuantStats(nnx.Variable):
-  """Observed quantizer statistics (ranges), never trained: a layer's ``quant_stats``
-  attribute holds ``{role: stats}`` as Linen's ``quant_stats/<layer>`` does. Filter them
-  with ``nnx.state(model, QuantStats)``."""
 
 
 def path_str(path: Path) -> str:
@@ -70,7 +67,9 @@ def _check(m: nnx.Module, path: str) -> None:
   if getattr(m, "preferred_element_type", None) is not None:
     raise NotImplementedError(f"{path} ({type(m).__name__}): preferred_element_type is not supported by "
                               "the quantized layers")
-  if getattr(m, "promote_dtype", dtypes.promote_dtype) is not dtypes.promote_dtype:
+  # a quantized layer keeps the float layer's promote_dtype as float_promote_dtype
+  promote = getattr(m, "float_promote_dtype", getattr(m, "promote_dtype", dtypes.promote_dtype))
+  if promote is not dtypes.promote_dtype:
     raise NotImplementedError(f"{path} ({type(m).__name__}): a custom promote_dtype is not supported")
 
 

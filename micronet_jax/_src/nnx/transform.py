@@ -5,7 +5,9 @@ Linen one (the same ``record``/``decide``, run on its Linen twin, ``twin.py``), 
 the quantizer state with ``quantize_variables`` (empty observers, learned step sizes
 initialised from the float weights), and returns a copy of the model in which every
 layer the plan quantizes is swapped, at each of its graph paths, for its quantized NNX
-counterpart (``layers.py``). The float model is not changed.
+counterpart (``layers.py``). The float model is not changed. Only quantizing reads the
+model through Linen: the quantized layers compute through the core on their own NNX
+variables, so training and evaluation run no Linen code.
 
 Everything after that reads the quantized NNX model through the same twin: ``plan``,
 ``summary``, ``convert`` (the integer ``Deploy`` that ``mj.integer_apply`` runs) work on
@@ -30,7 +32,15 @@ from micronet_jax._src.nnx.bridge import module_paths, set_node
 from micronet_jax._src.nnx.twin import QUANTIZED, twin, twin_variables
 
 OBSERVING = (layers.QuantLinear, layers.QuantConv, layers.QuantConvTranspose, layers.QuantAdd)
-_SWAP = {nnx.Linear: layers.QuantLinear, nnx.Conv: layers.QuantConv, nnx.ConvTranspose: layers.QuantConvTranspose}
+# float layer type -> its quantized counterpart (pairs: nothing at module level is mutable)
+_SWAP = ((nnx.Linear, layers.QuantLinear), (nnx.Conv, layers.QuantConv), (nnx.ConvTranspose, layers.QuantConvTranspose))
+
+
+def _quantized_type(node: nnx.Module) -> type:
+  for float_type, quant_type in _SWAP:
+    if type(node) is float_type:
+      return quant_type
+  raise TypeError(f"no quantized NNX layer for {type(node).__name__}")
 
 
 def _rules(model: nnx.Module) -> tuple[QuantRule, ...]:
@@ -71,17 +81,18 @@ def quantize(model: nnx.Module, rules: Sequence[QuantRule], *args: Any, **kwargs
       continue
     node, paths = nodes[lp.path]
     if lp.kind == "add":
-      new = layers.QuantAdd(lp.act, state(lp.path)[1])
-    else:
-      new = _SWAP[type(node)](node, lp.weight, lp.act, *state(lp.path),
-                              **({"fold_into": lp.folded_bn} if lp.folded_bn else {}))
-    if lp.folded_bn:
+      new = layers.QuantAdd(lp.act, state(lp.path)[1], path=lp.path)
+    elif lp.folded_bn:
       rule = rules[lp.rule]
       bn, bn_paths = nodes[lp.folded_bn]
       folded = layers.FoldedBatchNorm(bn, lp.folded_bn, lp.path, lp.weight, rule.bn_calib, rule.bn_init_from_batch,
                                       *state(lp.folded_bn))
       for p in bn_paths:
         set_node(model, p, folded)
+      new = layers.QuantConv(node, lp.weight, lp.act, *state(lp.path), path=lp.path, fold_into=lp.folded_bn,
+                             fold_link=folded.fold_link)
+    else:
+      new = _quantized_type(node)(node, lp.weight, lp.act, *state(lp.path), path=lp.path)
     for p in paths:
       set_node(model, p, new)
   model.quant_rules = rules

@@ -31,7 +31,6 @@ from micronet_jax._src.nnx.bridge import linen_layer, linen_variables, module_pa
 FLOAT = (nnx.Linear, nnx.Conv, nnx.ConvTranspose, nnx.BatchNorm, layers.Add)
 QUANTIZED = (layers.QuantLinear, layers.QuantConv, layers.QuantConvTranspose, layers.FoldedBatchNorm,
              layers.QuantAdd)
-_CALLS: list[tuple[nn.Module, dict]] = []  # the running twins: (root module, path -> bound Linen layer)
 
 
 def answered(m: Any) -> bool:
@@ -46,24 +45,38 @@ class _Fields:
     self.cls, self.fields = cls, fields
 
 
+class _TwinCall:
+  """One call of a ``LinenTwin``: its bound root module and the Linen layers bound under
+  it so far (one per path, so that a shared layer is one module called twice)."""
+
+  def __init__(self, root: nn.Module):
+    self.root, self.bound = root, {}
+
+  def layer(self, path: str, spec: _Fields, extra: dict) -> nn.Module:
+    layer = self.bound.get(path)
+    if layer is None:
+      scope = self.root.scope
+      for name in path.split("/") if path else ():
+        scope = scope.push(name, reuse=True)
+      layer = self.bound[path] = spec.cls(**spec.fields, **extra, parent=scope)
+    return layer
+
+
 class _ToLinen(nnx.Module):
-  """Stands for a layer in the twin's NNX copy: calls the Linen layer at ``path``."""
+  """Stands for a layer in the twin's NNX copy: calls the Linen layer at ``path`` of the
+  twin call it is handed (``call``, set on the copy that each call merges)."""
 
   def __init__(self, path: str, cls: type, fields: dict):
     self.path, self.spec = path, _Fields(cls, {k: v for k, v in fields.items() if k != "use_running_average"})
+    self.call: _TwinCall | None = None
     if cls is nn.BatchNorm:
       self.use_running_average = fields["use_running_average"]  # set by eval()/train()
 
   def __call__(self, *args, **kwargs):
-    root, bound = _CALLS[-1]
-    layer = bound.get(self.path)
-    if layer is None:  # one bound instance per path and call, so a shared layer is called twice
-      scope = root.scope
-      for name in self.path.split("/") if self.path else ():
-        scope = scope.push(name, reuse=True)
-      extra = {"use_running_average": self.use_running_average} if self.spec.cls is nn.BatchNorm else {}
-      layer = bound[self.path] = self.spec.cls(**self.spec.fields, **extra, parent=scope)
-    return layer(*args, **kwargs)
+    if self.call is None:
+      raise RuntimeError(f"{self.path}: a LinenTwin stand-in runs only inside the twin's call")
+    extra = {"use_running_average": self.use_running_average} if self.spec.cls is nn.BatchNorm else {}
+    return self.call.layer(self.path, self.spec, extra)(*args, **kwargs)
 
 
 class _Box:
@@ -82,13 +95,10 @@ class LinenTwin(nn.Module):
 
   @nn.compact
   def __call__(self, *args, train: bool = False, **kwargs):
-    model = nnx.merge(self.graphdef, self.rest.state)
+    model = nnx.merge(self.graphdef, self.rest.state)  # a fresh copy per call: the call state is its own
     model.train() if train else model.eval()
-    _CALLS.append((self, {}))
-    try:
-      return model(*args, **kwargs)
-    finally:
-      _CALLS.pop()
+    model.set_attributes(_ToLinen, call=_TwinCall(self), raise_if_not_found=False)
+    return model(*args, **kwargs)
 
 
 def _linen_of(m: nnx.Module, path: str) -> tuple[type, dict]:
