@@ -185,15 +185,21 @@ def lsq_rules(w_bits: int = 4, a_bits: int = 4, *, first_last_bits: int | None =
   calls for (unsigned after a ReLU; signed, zero point 2^(b-1), after a linear
   bottleneck, a residual add, a LayerNorm), since a rule cannot know which inputs are
   signed and an unsigned grid clips half of a signed input to 0. ``plus``: the LSQ+
-  paper's min/max start on every input. Residual adds (``ops.Add``) stay float.
-  ``fold_bn`` as in ``iao_rules``."""
+  paper's min/max start on every input. The activation x activation products of
+  attention (kind ``"attention"``: QK^T, PV) quantize both operands the same way at
+  ``a_bits``. Residual adds (``ops.Add``) stay float. ``fold_bn`` as in ``iao_rules``.
+  The first and the last layer are counted among the layers with weights
+  (``LAYER_KINDS``) in call order."""
   def layer(wb: int, ab: int, first: bool = False, **kw) -> QuantRule:
     act = learned.LsqPlusActivation(ab, start="minmax" if first or plus else "lsq")
     return QuantRule(weight=_bits_or_float(wb, lambda b: learned.LsqWeight(b, per_channel)),
                      act=None if ab == 32 else act, fold_bn=fold_bn, **kw)
 
   edge_w, edge_a = (w_bits, a_bits) if first_last_bits is None else (first_last_bits, first_last_bits)
-  return (layer(edge_w, edge_a, first=True, index=0), layer(edge_w, edge_a, index=-1), layer(w_bits, a_bits))
+  products = () if a_bits == 32 else (
+      QuantRule(kinds=("attention",), act=learned.LsqPlusActivation(a_bits, start="minmax" if plus else "lsq")),)
+  return (layer(edge_w, edge_a, first=True, index=0), layer(edge_w, edge_a, index=-1), layer(w_bits, a_bits),
+          *products)
 
 
 PACT_WEIGHTS = ("lsq", "dorefa")  # pact_rules(weight=...)

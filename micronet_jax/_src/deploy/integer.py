@@ -37,7 +37,7 @@ from micronet_jax._src.deploy.records import (FoldedBatchNorm, InputGrid, IntAdd
                                               Requant)
 from micronet_jax._src.deploy.tags import trace_tags
 from micronet_jax._src.flax import seam
-from micronet_jax._src.flax.transform import LayerPlan, QuantizedModel
+from micronet_jax._src.flax.transform import LayerPlan, QuantizedModel, eval_kwargs
 
 Array = jax.Array
 INT32_MAX = 2**31 - 1
@@ -126,7 +126,7 @@ def integer_apply(deploy: Deploy, x_q: Array, dequantize: bool = True, capture: 
 def fake_quant_codes(qmodel: QuantizedModel, variables: dict, x: Array, **apply_kwargs: Any) -> dict[str, Array]:
   """The integer codes r(x / S) + Z that the fake-quant eval forward gives every conv/dense
   layer's input, by path: what ``integer_apply(..., capture=...)`` must reproduce."""
-  apply_kwargs = {"train": False, **apply_kwargs}
+  apply_kwargs = eval_kwargs(qmodel.model, apply_kwargs)
   plan = qmodel.plan(x[:1], **apply_kwargs)
   seen: dict[str, Array] = {}
 
@@ -241,7 +241,7 @@ def _weights(lp: LayerPlan, variables: dict, bn: Any) -> tuple[np.ndarray, np.nd
 
 def convert(qmodel: QuantizedModel, variables: dict, x: Array, **apply_kwargs: Any) -> Deploy:
   """QAT/PTQ variables -> ``Deploy`` (see the module docstring). ``x``: an example input."""
-  apply_kwargs = {"train": False, **apply_kwargs}
+  apply_kwargs = eval_kwargs(qmodel.model, apply_kwargs)
   plan = qmodel.plan(x[:1], **apply_kwargs)
   for lp in plan:  # name the quantizer when it is the reason
     for role, q in (("kernel", lp.weight), ("input", lp.act)):

@@ -1,7 +1,7 @@
 """Post-training quantization: run calibration batches through the observers, freeze.
 
 ``calibrate(qmodel, variables, batches)`` applies the quantized model in evaluation
-mode (``train=False``: BatchNorm uses and keeps its running statistics, dropout is off,
+mode (``train=False`` for a model that takes ``train``: BatchNorm uses and keeps its running statistics, dropout is off,
 nothing trains) with only ``quant_stats`` mutable, so the observers, and nothing else,
 see the calibration data. The returned variables evaluate with the frozen ranges.
 
@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from micronet_jax._src.core import observers as obs
 from micronet_jax._src.core.rules import QuantRule, iao_rules
-from micronet_jax._src.flax.transform import QuantizedModel
+from micronet_jax._src.flax.transform import QuantizedModel, eval_kwargs
 
 METHODS = tuple(obs.OBSERVERS)
 
@@ -66,36 +66,54 @@ def _static_model(qmodel: QuantizedModel) -> QuantizedModel | _ByIdentity:
 
 
 @functools.partial(jax.jit, static_argnames=("qmodel", "apply_kwargs"))
-def _observe(qmodel: QuantizedModel | _ByIdentity, variables: dict, x: jax.Array, apply_kwargs: tuple) -> Any:
-  """One calibration batch: the observers' ``quant_stats`` after seeing ``x``.
+def _observe(qmodel: QuantizedModel | _ByIdentity, variables: dict, args: tuple, rngs: Any,
+             apply_kwargs: tuple) -> Any:
+  """One calibration batch: the observers' ``quant_stats`` after seeing ``args``.
 
   ``qmodel`` (see ``_static_model``) and ``apply_kwargs`` (sorted ``(name, value)``
-  pairs) are static; every array, params included, is an argument, so one compilation
-  serves every call with an equal model, the same kwargs and the same shapes.
+  pairs) are static; every array, params, inputs and rngs included, is an argument, so
+  one compilation serves every call with an equal model, the same kwargs and the same
+  shapes.
   """
   model = qmodel.qmodel if isinstance(qmodel, _ByIdentity) else qmodel
-  _, upd = model.apply(variables, x, mutable=["quant_stats"], **dict(apply_kwargs))
+  extra = {} if rngs is None else {"rngs": rngs}
+  _, upd = model.apply(variables, *args, mutable=["quant_stats"], **extra, **dict(apply_kwargs))
   return upd["quant_stats"]
 
 
 def calibrate(
-    qmodel: QuantizedModel, variables: dict, batches: Iterable[np.ndarray], num_batches: int | None = None,
-    progress: bool = False, **apply_kwargs: Any,
+    qmodel: QuantizedModel, variables: dict, batches: Iterable[Any], num_batches: int | None = None,
+    progress: bool = False, *, rngs: Any = None, **apply_kwargs: Any,
 ) -> dict:
-  """Feeds ``batches`` (inputs only) through the observers and returns the variables with
-  the calibrated ``quant_stats``. Parameters and ``batch_stats`` are returned unchanged.
+  """Feeds ``batches`` through the observers and returns the variables with the
+  calibrated ``quant_stats``. Parameters and ``batch_stats`` are returned unchanged.
 
-  ``apply_kwargs`` go to the model (default ``train=False``); their values must be
-  hashable (they are static arguments of the compiled step).
+  Args:
+    qmodel: the quantized model.
+    variables: its variables (``quantize_variables``).
+    batches: model inputs: each an array (the one positional argument of the model's
+      ``__call__``) or a tuple of the positional arguments.
+    num_batches: stop after this many (None: all).
+    progress: show a progress bar.
+    rngs: passed to ``apply`` as they are (e.g. ``{"dropout": key}`` for a model that
+      draws random numbers in evaluation too, such as a VAE's ``z_rng``).
+    **apply_kwargs: the model's keyword arguments, passed unchanged; they must be
+      hashable (static arguments of the compiled step). A model whose ``__call__`` takes
+      ``train`` and is not given it is evaluated with ``train=False`` (see
+      ``eval_kwargs``); no other argument is added.
+
+  Returns:
+    ``variables`` with the new ``quant_stats``.
   """
-  static_kwargs = tuple(sorted({"train": False, **apply_kwargs}.items()))
+  static_kwargs = tuple(sorted(eval_kwargs(qmodel.model, apply_kwargs).items()))
   static_model = _static_model(qmodel)
   stats = variables["quant_stats"]
   seen = 0
-  for x in tqdm(batches, total=num_batches, desc="calibrating", disable=not progress, leave=False):
+  for batch in tqdm(batches, total=num_batches, desc="calibrating", disable=not progress, leave=False):
     if num_batches is not None and seen >= num_batches:
       break
-    stats = _observe(static_model, {**variables, "quant_stats": stats}, x, static_kwargs)
+    args = batch if isinstance(batch, tuple) else (batch,)
+    stats = _observe(static_model, {**variables, "quant_stats": stats}, args, rngs, static_kwargs)
     seen += 1
   if seen == 0:
     raise ValueError("calibration needs at least one batch")

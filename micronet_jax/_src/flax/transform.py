@@ -14,6 +14,7 @@ JAX or Flax is patched; outside ``init``/``apply`` the model is untouched.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -35,6 +36,18 @@ from micronet_jax._src.core.rules import QuantRule
 from micronet_jax._src.core.treeutil import shape_mismatches
 
 _FLAX_CALL_KWARGS = ("rngs", "mutable", "capture_intermediates")  # not the model's own inputs
+
+
+def eval_kwargs(model: nn.Module, kwargs: dict) -> dict:
+  """``kwargs`` for an evaluation call of ``model`` (calibration, conversion): as given,
+  plus ``train=False`` when the model's ``__call__`` has a ``train`` parameter that
+  ``kwargs`` does not set. Nothing is added to a model without one (a language model, a
+  VAE), so any call signature passes through."""
+  try:
+    takes_train = "train" in inspect.signature(model.__call__).parameters
+  except (TypeError, ValueError):
+    takes_train = False
+  return {"train": False, **kwargs} if takes_train and "train" not in kwargs else dict(kwargs)
 
 
 def _plan_key(args: tuple, kwargs: dict) -> tuple:
@@ -151,7 +164,10 @@ class QuantizedModel:
     plan = self._plans.get(key)
     if plan is None:
       plan = self._plans[key] = decide(record(fn, args), self.rules)
-      for i in plan.unmatched_rules if warn else ():
+      kinds = {p.kind for p in plan}
+      # A rule for kinds the model does not have (a preset's attention rule on a CNN) is
+      # not a mistake worth a warning; summary still lists it.
+      for i in (i for i in plan.unmatched_rules if kinds & set(self.rules[i].kinds)) if warn else ():
         warnings.warn(f"quantization rule {i} {self.rules[i]} matched no layer of {type(self.model).__name__}; "
                       f"layers: {[p.path for p in plan]}", stacklevel=4)
     return plan
@@ -196,25 +212,33 @@ def quantize_variables(qmodel: QuantizedModel, float_variables: dict, *args, **k
   ``quant_stats`` collection (empty observers) is added, and the trainable params of
   quantizers that have them (``params/<layer>/<role>_<name>``) are initialised by the
   quantizers from the float weights (and, for inputs, from the example inputs).
-  ``args``/``kwargs`` are example inputs for the model's ``__call__``, as for ``init``.
+  ``args``/``kwargs`` are example inputs for the model's ``__call__``, as for ``init``;
+  pass a training batch in training mode (e.g. ``train=True``) so that learned input
+  steps start from the activations training will see (``rngs=`` is passed on).
 
   Raises:
     ValueError: listing every path that is missing, extra or of the wrong shape.
   """
   key = jax.random.key(0)
-  float_shapes = jax.eval_shape(lambda: qmodel.model.init(key, *args, **kwargs))
+  # Random streams a training-mode pass draws from (dropout), unless the caller gives its own.
+  rngs = {"params": key, "dropout": key, **(kwargs.pop("rngs", None) or {})}
+  float_shapes = jax.eval_shape(lambda: qmodel.model.init(rngs, *args, **kwargs))
   problems = []
   for col, tree in float_shapes.items():
     problems += shape_mismatches(tree, float_variables.get(col, {}), prefix=col)
   if problems:
     raise ValueError(f"float variables do not fit {type(qmodel.model).__name__}:\n  " + "\n  ".join(problems))
-  shapes = jax.eval_shape(lambda: qmodel.init(key, *args, **kwargs))
+  shapes = jax.eval_shape(lambda: qmodel.init(rngs, *args, **kwargs))
   out = dict(float_variables)
   if "quant_stats" in shapes:
-    out["quant_stats"] = jax.jit(lambda: qmodel.init(key, *args, **kwargs)["quant_stats"])()
+    out["quant_stats"] = jax.jit(lambda: qmodel.init(rngs, *args, **kwargs)["quant_stats"])()
   if len(jax.tree.leaves(shapes.get("params", {}))) > len(jax.tree.leaves(float_shapes.get("params", {}))):
-    # Quantizer params: created by apply from the float values it reads (statistics stay empty).
-    _, new = jax.jit(lambda v: qmodel.apply(v, *args, rngs={"params": key}, mutable=["params"], **kwargs))(out)
+    # Quantizer params: created by apply from the float values it reads (statistics stay
+    # empty). Called with train=True this is a training-mode pass: BatchNorm normalises with
+    # the batch's statistics, as in the first training step (a fresh model's running
+    # statistics would give steps 2-1000x too small); its statistic updates are dropped.
+    mutable = ["params", *(["batch_stats"] if "batch_stats" in out else [])]
+    _, new = jax.jit(lambda v: qmodel.apply(v, *args, rngs=rngs, mutable=mutable, **kwargs))(out)
     out["params"] = new["params"]
   return out
 
