@@ -1,7 +1,6 @@
 """quantize_model on unmodified models of every nesting style, rules, summary and
 quantize_variables."""
 
-import warnings
 
 import flax.linen as nn
 import jax

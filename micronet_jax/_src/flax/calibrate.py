@@ -16,7 +16,6 @@ import functools
 from typing import Any, Iterable
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
 from micronet_jax._src.core import observers as obs
