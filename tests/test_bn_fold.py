@@ -12,7 +12,8 @@ import pytest
 
 import micronet_jax as mj
 from micronet_jax.app import train
-from micronet_jax._src.flax.bn_fold import batch_moments, fold_batch_norm
+from micronet_jax._src.core import bn_fold as core_fold
+from micronet_jax._src.core.bn_fold import batch_moments, fold_batch_norm
 from micronet_jax._src.flax.calibrate import calibrate
 from micronet_jax.models import NIN
 from micronet_jax._src.flax.ops import global_avg_pool
@@ -112,6 +113,67 @@ def test_batch_moments_mean_and_biased_variance_over_all_but_channels():
   mu, var = batch_moments(jnp.asarray(z))
   np.testing.assert_allclose(mu, z.mean((0, 1, 2)), rtol=1e-5)
   np.testing.assert_allclose(var, z.var((0, 1, 2), ddof=0), rtol=1e-5)
+
+
+class DictSeam:
+  """The seam contract on plain dicts, no framework: what ``core.bn_fold`` needs of one."""
+
+  path = "bn"
+
+  def __init__(self, params: dict, stats: dict, running: dict, stats_move: bool):
+    self.params, self.stats, self.running_stats, self.stats_move = params, stats, running, stats_move
+
+  def param(self, name, init):
+    return self.params.setdefault(name, init())
+
+  def stat(self, name, init):
+    return _DictRef(self.stats, name, init)
+
+  def running(self, name, init):
+    return _DictRef(self.running_stats, name, init)
+
+
+class _DictRef:
+
+  def __init__(self, d, name, init):
+    d.setdefault(name, init())
+    self.d, self.name = d, name
+
+  @property
+  def value(self):
+    return self.d[self.name]
+
+  @value.setter
+  def value(self, v):
+    self.d[self.name] = v
+
+
+@pytest.mark.parametrize("init_from_batch", [False, True])
+def test_core_folded_conv_bn_on_a_framework_free_seam_equals_linen(init_from_batch):
+  """``core.bn_fold.folded_conv_bn`` reaches the BatchNorm only through the seam: on dicts
+  and a ``lax`` conv it gives Linen's folded output, running statistics and flag."""
+  rule = mj.QuantRule(weight=mj.AffineWeight(8, per_channel=True), fold_bn=True, bn_init_from_batch=init_from_batch)
+  model = OneConvBN()
+  v = make(model)
+  qmodel = mj.quantize_model(model, [rule])
+  v = mj.quantize_variables(qmodel, v, X)
+  y_lin, upd = qmodel.apply(v, X, train=True, mutable=["batch_stats", "quant_stats"])
+
+  conv, bn = v["params"]["conv"], v["params"]["bn"]
+  conv_fn = lambda w: jax.lax.conv_general_dilated(  # noqa: E731  (nn.Conv's SAME, NHWC/HWIO)
+      X, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  z = conv_fn(conv["kernel"]) + conv["bias"]
+  assert isinstance(DictSeam({}, {}, {}, True), core_fold.BatchNormSeam)
+  seam = DictSeam({}, dict(v.get("quant_stats", {}).get("bn", {})), dict(v["batch_stats"]["bn"]), stats_move=True)
+  flag = seam.stat(core_fold.BN_INIT_FLAG, lambda: jnp.zeros((), jnp.bool_)) if init_from_batch else None
+  norm = core_fold.BatchNormParams(bn["scale"], bn["bias"], 1e-5, 0.9)
+  y = core_fold.folded_conv_bn(seam, z, conv["kernel"], conv["bias"], conv_fn, rule.weight, norm, calib=False,
+                               batch_statistics=True, update=True, first_batch=flag)
+  np.testing.assert_array_equal(y, y_lin)
+  for k in ("mean", "var"):
+    np.testing.assert_array_equal(seam.running_stats[k], upd["batch_stats"]["bn"][k])
+  if init_from_batch:
+    assert bool(seam.stats[core_fold.BN_INIT_FLAG]) and bool(upd["quant_stats"]["bn"][core_fold.BN_INIT_FLAG])
 
 
 # ----------------------------------------------------------------------------- quantization off
