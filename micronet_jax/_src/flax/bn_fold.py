@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from micronet_jax._src.core import bn_fold as core
 from micronet_jax._src.core.bn_fold import BN_INIT_FLAG, batch_moments, fold_batch_norm, update_running  # noqa: F401
 from micronet_jax._src.core.seam import STATS
-from micronet_jax._src.flax.seam import LinenSeam
+from micronet_jax._src.flax.seam import BATCH_STATS, LinenSeam
 
 Array = jax.Array
 _CONV_FIELDS = ("features", "kernel_size", "strides", "padding", "input_dilation", "kernel_dilation",
@@ -71,7 +71,7 @@ def folded_conv_bn(
   c = kernel.shape[-1]
   scale = bn.param("scale", bn.scale_init, (c,), bn.param_dtype) if bn.use_scale else jnp.ones((c,))
   beta = bn.param("bias", bn.bias_init, (c,), bn.param_dtype) if bn.use_bias else jnp.zeros((c,))
-  batch_statistics = not use_running_average and bn.is_mutable_collection("batch_stats")
+  batch_statistics = not use_running_average and bn.is_mutable_collection(BATCH_STATS)
   fields = {f: getattr(conv, f) for f in _CONV_FIELDS}
 
   def conv_fn(w: Array) -> Array:

@@ -8,7 +8,11 @@ variables are ``bridge.linen_variables(model)`` restricted to those layers. So t
 plan (``record``/``decide``), ``summary``, ``quantize_variables``, ``convert``,
 ``integer_apply`` and the tag trace, all written against Linen's interceptors, run on
 the NNX model's code unchanged. The twin is only ever evaluated (``train=False`` puts
-the NNX copy in ``eval()`` mode); training runs the NNX model itself.
+the NNX copy in ``eval()`` mode); training runs the NNX model itself, with no Linen.
+
+Each call of the twin merges its own NNX copy and hands its stand-ins that call's root
+scope (a ``_TwinCall``, through ``set_attributes``), so nothing is kept between calls
+or shared between twins.
 
 Only layers of exactly these types (or the quantized ones of ``layers.py``) are answered
 by Linen; a user subclass of ``nnx.Linear`` runs its own code and stays float, as a
