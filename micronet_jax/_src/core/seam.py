@@ -196,7 +196,7 @@ def union_range(a: Any, b: Any) -> Any:
                         initialized=jnp.logical_and(a.initialized, b.initialized))
 
 
-def shared_scale_add(seam: Seam, q: Any, a: Array, b: Array) -> Array:
+def shared_scale_add(seam: Seam, q: Any, a: Array, b: Array, create_inputs: bool | None = None) -> Array:
   """``a + b`` with both inputs fake-quantized on one shared scale (micronet's QuantAdd).
 
   Each input has its own observer, statistics ``input_a`` and ``input_b``, moved when
@@ -212,6 +212,9 @@ def shared_scale_add(seam: Seam, q: Any, a: Array, b: Array) -> Array:
       (float: exactly ``a + b``).
     a: one input.
     b: the other input, shaped as ``a``.
+    create_inputs: whether the per-input statistics exist in this call (None: when
+      statistics move). Linen creates them whenever ``quant_stats`` is mutable, ``init``
+      included, so that the variables' structure never changes after ``init``.
 
   Returns:
     q(a) + q(b) on the shared scale.
@@ -225,9 +228,10 @@ def shared_scale_add(seam: Seam, q: Any, a: Array, b: Array) -> Array:
     raise ValueError(f"Add {seam.path}: the shared input scale needs an activation quantizer with a range "
                      f"observer (e.g. AffineActivation), got {type(q).__name__}")
   union = seam.stat(INPUT_STATS, lambda: q.init_state(a))
-  if seam.stats_move:  # the per-input ranges are needed only to update
+  if seam.stats_move if create_inputs is None else create_inputs:  # needed only to update
     stats_a = seam.stat(INPUT_STATS + "_a", lambda: q.init_state(a))
     stats_b = seam.stat(INPUT_STATS + "_b", lambda: q.init_state(b))
+  if seam.stats_move:
     stats_a.value = q.observer.update(stats_a.value, a, None)
     stats_b.value = q.observer.update(stats_b.value, b, None)
     union.value = union_range(stats_a.value, stats_b.value)

@@ -23,26 +23,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from micronet_jax._src.core import observers as obs
-from micronet_jax._src.core.protocol import RangeObserved
+from micronet_jax._src.core import seam as core
 from micronet_jax._src.flax import seam
 
 
 Array = jax.Array
 INPUT_STATS = "input"  # as layers.INPUT_STATS
-
-
-def union_range(a: obs.RangeState, b: obs.RangeState) -> obs.RangeState:
-  """The smallest range covering both: [min(a.min, b.min), max(a.max, b.max)].
-
-  Initialised only when both are (micronet's QuantAdd takes the union of its two
-  observers' ranges before every quantization).
-  """
-  return obs.RangeState(
-      min=jnp.minimum(a.min, b.min),
-      max=jnp.maximum(a.max, b.max),
-      initialized=jnp.logical_and(a.initialized, b.initialized),
-  )
 
 
 class Add(nn.Module):
@@ -63,26 +49,8 @@ class Add(nn.Module):
 
   @nn.compact
   def __call__(self, a: Array, b: Array) -> Array:
-    q = self.act_quant
-    if q is None:
-      return a + b
-    if not isinstance(q, RangeObserved):
-      raise ValueError(f"ops.Add {seam.module_path(self)}: the shared input scale needs an activation "
-                       f"quantizer with a range observer (e.g. AffineActivation), got {type(q).__name__}")
-    union = seam.stat(self, INPUT_STATS, lambda: q.init_state(a))
-    if seam.stats_mutable(self):  # the per-input ranges are needed only to update
-      stats_a = seam.stat(self, INPUT_STATS + "_a", lambda: q.init_state(a))
-      stats_b = seam.stat(self, INPUT_STATS + "_b", lambda: q.init_state(b))
-      if seam.stats_update(self):
-        stats_a.value = q.observer.update(stats_a.value, a, None)
-        stats_b.value = q.observer.update(stats_b.value, b, None)
-        union.value = union_range(stats_a.value, stats_b.value)
-    state = union.value
-    batch = union_range(*(obs.MinMax().update(obs.empty_range(), x, None) for x in (a, b)))
-    state = jax.tree.map(lambda s, n: jnp.where(state.initialized, s, n), state, batch)
-    a_q, _ = q.fake_quant(a, state, update=False)
-    b_q, _ = q.fake_quant(b, state, update=False)
-    return a_q + b_q
+    return core.shared_scale_add(seam.LinenSeam(self), self.act_quant, a, b,
+                                 create_inputs=seam.stats_mutable(self))
 
 
 class ReLU6(nn.Module):

@@ -24,6 +24,7 @@ import numpy as np
 from micronet_jax._src.flax import ops
 
 from micronet_jax._src.flax import seam
+from micronet_jax._src.core.macs import Product, batch_size, jaxpr_products
 from micronet_jax._src.core.rules import ACT_ONLY_KINDS, QuantRule, first_match
 from micronet_jax._src.flax.layers import (AttentionProduct, QuantConv, QuantConvTranspose, QuantDense,
                                            exposes_products, with_products)
@@ -233,18 +234,6 @@ class _Recorder:
 
 
 @dataclasses.dataclass(frozen=True)
-class Product:
-  """One matmul/conv of the traced forward: the module path it ran in (its name stack),
-  the primitive, its multiply-accumulates per example, and the planned layer it belongs
-  to (the deepest layer whose path contains it; None: it ran outside every layer)."""
-
-  path: str
-  primitive: str
-  macs: int
-  layer: str | None
-
-
-@dataclasses.dataclass(frozen=True)
 class ModelGraph:
   """What ``record`` saw: layer facts and add modules in first-call order, BatchNorms,
   every matmul/conv of the forward."""
@@ -256,74 +245,6 @@ class ModelGraph:
   params: int | None = None  # parameters of the float model (None: traced from an apply)
 
 
-def eqn_macs(eqn: Any) -> int:
-  """Multiply-accumulates of one ``dot_general`` or ``conv_general_dilated`` equation
-  (0 for any other): every output element is one dot product over the contracted
-  operand slice; a transposed conv (input dilation) scatters each input element through
-  the kernel, so its zero rows are not counted."""
-  name = eqn.primitive.name
-  out = int(np.prod(eqn.outvars[0].aval.shape))
-  if name == "dot_general":
-    (contract, _), _ = eqn.params["dimension_numbers"]
-    lhs = eqn.invars[0].aval.shape
-    return out * int(np.prod([lhs[a] for a in contract]))
-  if name == "conv_general_dilated":
-    rhs = eqn.invars[1].aval.shape
-    out_dim = eqn.params["dimension_numbers"].rhs_spec[0]
-    dilation = int(np.prod(eqn.params.get("lhs_dilation") or (1,)))
-    return out * (int(np.prod(rhs)) // rhs[out_dim]) // dilation
-  return 0
-
-
-def _sub_jaxprs(eqn: Any) -> Iterator[tuple[Any, int]]:
-  """(inner jaxpr, how many times it runs) for every jaxpr in ``eqn``'s params (a scan
-  body runs ``length`` times; any other once)."""
-  times = int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else 1
-  for v in eqn.params.values():
-    for j in (v if isinstance(v, (tuple, list)) else (v,)):
-      inner = getattr(j, "jaxpr", j)
-      if hasattr(inner, "eqns"):
-        yield inner, times
-
-
-def _module_path(stack: tuple[str, ...]) -> str:
-  """The module path of a name stack: without the root module's name, the ``.method``
-  suffixes (``Embed_0.attend``), and the repeat a rebuilt module (``rebind``) adds."""
-  parts: list[str] = []
-  for c in stack[1:]:
-    c = c.split(".")[0]
-    if not parts or parts[-1] != c:
-      parts.append(c)
-  return "/".join(parts)
-
-
-def _products(jaxpr: Any, stack: tuple[str, ...] = (), times: int = 1) -> Iterator[tuple[str, str, int]]:
-  for eqn in jaxpr.eqns:
-    here = stack + tuple(str(eqn.source_info.name_stack).split("/")) if str(eqn.source_info.name_stack) else stack
-    macs = eqn_macs(eqn)
-    if macs:
-      yield _module_path(here), eqn.primitive.name, macs * times
-    for inner, n in _sub_jaxprs(eqn):
-      yield from _products(inner, here, times * n)
-
-
-def _owner(path: str, layers: Sequence[str]) -> str | None:
-  best = None
-  for p in layers:
-    if (path == p or path.startswith(p + "/")) and (best is None or len(p) > len(best)):
-      best = p
-  return best
-
-
-def _batch_size(args: tuple) -> int:
-  """The leading axis of the first array among a call's positional arguments (1 if it
-  has none): MACs are counted per example."""
-  for leaf in jax.tree.leaves(args):
-    if getattr(leaf, "ndim", 0) > 1:
-      return int(leaf.shape[0])
-  return 1
-
-
 def record(fn: Callable[[], Any], args: tuple = ()) -> ModelGraph:
   """Traces ``fn`` (a float ``init`` of the model, called with the inputs ``args``) once
   to a jaxpr (no FLOPs) and returns what it called: layers, BatchNorms, and every
@@ -331,10 +252,8 @@ def record(fn: Callable[[], Any], args: tuple = ()) -> ModelGraph:
   rec = _Recorder()
   with nn.intercept_methods(rec), nn.override_named_call(True):  # name stacks attribute every op
     closed, out = jax.make_jaxpr(fn, return_shape=True)()
-  batch = _batch_size(args)
   layer_paths = [p for p, layer in rec.calls.items() if isinstance(layer, _Layer)]
-  products = tuple(Product(path, prim, macs // batch, _owner(path, layer_paths))
-                   for path, prim, macs in _products(closed.jaxpr))
+  products = jaxpr_products(closed.jaxpr, layer_paths, batch_size(args))
   for prod in products:
     if prod.layer is not None:
       rec.calls[prod.layer].macs += prod.macs
