@@ -1,10 +1,12 @@
 """The package's layering, enforced: each layer imports only the layers below it.
 
-    _src/core     pure numerics: STEs, quantizers, observers, binary, fixed point, rules
-    _src/flax     the Flax seam and everything that wires quantizers into Linen models
+    _src/core     framework-neutral: STEs, quantizers, observers, binary, fixed point, rules,
+                  the seam contract and what is written once against it, BN-folding maths, MACs
+    _src/flax     the Linen adapter: the seam on Linen scopes, the plan, the transform
     _src/deploy   integer and packed-binary deploy, from the flax layer's plan
     _src/prune    network slimming
-    _src/nnx      Flax NNX: quantized NNX layers on the Linen ones, a Linen view for plan and deploy
+    _src/nnx      the NNX adapter: the seam on NNX variables, quantized NNX layers computing through
+                  core; a Linen view of an NNX model for the plan and the deploy only
     micronet_jax  the curated public API (__init__, ops)
     models        the model zoo, built on the public API
     app           training loop, data, runs and the CLI: may use everything
