@@ -133,3 +133,16 @@ class DecoderLM(nn.Module):
       y = nn.Einsum((2, 16, self.width), "bthm,hmd->btd", name=f"down_{i}")(nn.relu(y))
       x = x + y
     return embed.attend(nn.LayerNorm()(x))
+
+
+class VAE(nn.Module):
+  """flax/examples/vae's shape: the call takes the sampling key, ``(x, z_rng)``, no ``train``."""
+
+  latents: int = 4
+
+  @nn.compact
+  def __call__(self, x, z_rng):
+    h = nn.relu(nn.Dense(32, name="enc_fc1")(x))
+    mean, logvar = nn.Dense(self.latents, name="enc_mean")(h), nn.Dense(self.latents, name="enc_logvar")(h)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(z_rng, logvar.shape)
+    return nn.Dense(x.shape[-1], name="dec_fc2")(nn.relu(nn.Dense(32, name="dec_fc1")(z))), mean, logvar

@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import micronet_jax as mj
-from linen_zoo import DecoderLM, MobileNetV2, ResNet, ViT
+from linen_zoo import VAE, DecoderLM, MobileNetV2, ResNet, ViT
 
 KEY = jax.random.key(0)
 IMAGES = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
@@ -146,3 +146,17 @@ def test_a_partitioned_model_trains_under_a_mesh_with_its_logical_axis_rules():
     _, l1 = step(v1)
   assert float(l1) < float(l0)
   assert isinstance(v1["params"]["up_0"]["kernel"], nn.LogicallyPartitioned)
+
+
+def test_a_model_called_with_its_own_arguments_calibrates_with_them():
+  """The VAE is called as ``vae(x, z_rng)``: plan, summary and calibrate take its
+  positional arguments (a batch is a tuple of them) and add no ``train``."""
+  vae = VAE()
+  x = jax.random.uniform(KEY, (8, 12))
+  qmodel = mj.quantize_model(vae, mj.iao_rules(8, 8))
+  assert "quantized: 100.0% of MACs" in mj.summary(qmodel, x, KEY).splitlines()[-1]
+  v = mj.quantize_variables(qmodel, vae.init(KEY, x, KEY), x, KEY)
+  cal = mj.calibrate(qmodel, v, [(x, jax.random.key(i)) for i in range(2)])
+  assert bool(cal["quant_stats"]["dec_fc1"]["input"].initialized)
+  recon, _, _ = qmodel.apply(cal, x, KEY)
+  np.testing.assert_allclose(recon, vae.apply(v, x, KEY)[0], atol=0.1)
