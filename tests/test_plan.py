@@ -87,3 +87,15 @@ def test_a_layer_the_plan_did_not_see_is_an_error():
   qmodel._plans[key] = ModelPlan(())
   with pytest.raises(ValueError, match="layer a .* was not called when the model was planned"):
     qmodel.apply(v, jnp.ones((2, 3)))
+
+
+def test_a_symbolic_batch_plans_with_per_example_macs():
+  """Under ``jax.export`` the batch is a symbol: the plan still counts MACs per example."""
+  qmodel = mj.quantize_model(ConvBNNet(), mj.iao_rules(8, 8))
+  v = qmodel.init(KEY, X, train=False)
+  b, = jax.export.symbolic_shape("b")
+  x = jax.ShapeDtypeStruct((b, 8, 8, 2), jnp.float32)
+  exported = jax.export.export(jax.jit(lambda x: qmodel.apply(v, x, train=False)))(x)
+  assert exported.out_avals[0].shape[1:] == (5,)
+  plan = qmodel.plan(x, train=False)
+  assert plan["conv"].macs == 8 * 8 * 4 * (3 * 3 * 2) and plan["head"].macs == 4 * 4 * 6 * 5

@@ -71,7 +71,7 @@ def _export(artifact: Any, kind: str, input_shape: tuple[int, ...], batch: int) 
   """(exported deploy forward, its fixed batch size or None for any batch).
 
   The packed binary forward is exported for batches of ``batch``: with a symbolic batch
-  its trace fails in the model plan's MAC count (``plan.layer_macs`` takes
+  its trace failed in the model plan (the MAC count took
   ``int(np.prod(out_shape))`` of a shape holding the batch). ``evaluate`` pads every
   batch to one size, so a fixed batch costs ``eval`` nothing.
   """

@@ -32,22 +32,28 @@ class Product:
   layer: str | None
 
 
+def _size(shape: Sequence[Any]) -> int:
+  """The number of elements, a symbolic dimension (a batch under ``jax.export``) counted
+  as 1; ``batch_size`` is then 1 too, so the count stays per example."""
+  return int(np.prod([d if isinstance(d, (int, np.integer)) else 1 for d in shape]))
+
+
 def eqn_macs(eqn: Any) -> int:
   """Multiply-accumulates of one ``dot_general`` or ``conv_general_dilated`` equation
   (0 for any other): every output element is one dot product over the contracted
   operand slice; a transposed conv (input dilation) scatters each input element through
   the kernel, so its zero rows are not counted."""
   name = eqn.primitive.name
-  out = int(np.prod(eqn.outvars[0].aval.shape))
+  out = _size(eqn.outvars[0].aval.shape)
   if name == "dot_general":
     (contract, _), _ = eqn.params["dimension_numbers"]
     lhs = eqn.invars[0].aval.shape
-    return out * int(np.prod([lhs[a] for a in contract]))
+    return out * _size([lhs[a] for a in contract])
   if name == "conv_general_dilated":
     rhs = eqn.invars[1].aval.shape
     out_dim = eqn.params["dimension_numbers"].rhs_spec[0]
     dilation = int(np.prod(eqn.params.get("lhs_dilation") or (1,)))
-    return out * (int(np.prod(rhs)) // rhs[out_dim]) // dilation
+    return out * (_size(rhs) // _size([rhs[out_dim]])) // dilation
   return 0
 
 
@@ -96,7 +102,7 @@ def batch_size(args: tuple) -> int:
   has none): MACs are counted per example."""
   for leaf in jax.tree.leaves(args):
     if getattr(leaf, "ndim", 0) > 1:
-      return int(leaf.shape[0])
+      return _size(leaf.shape[:1])
   return 1
 
 
