@@ -123,12 +123,15 @@ def test_ptq_calibration_moves_only_the_observers(case):
   assert float(jnp.abs(out - ref).max()) <= 0.1 * float(jnp.abs(ref).max()) + 1e-6
 
 
+@pytest.mark.filterwarnings("ignore:.*with mesh.*:DeprecationWarning")
 def test_a_partitioned_model_trains_under_a_mesh_with_its_logical_axis_rules():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("model",))
   rules = (("embed", None), ("heads", "model"), ("kv", None), ("mlp", "model"), ("vocab", "model"))
   qmodel = mj.quantize_model(DecoderLM(), mj.iao_rules(8, 8))
   v = mj.quantize_variables(qmodel, DecoderLM().init(KEY, TOKENS), TOKENS)
   specs = nn.get_partition_spec(v)
+  # ``with mesh`` (not jax.set_mesh): under set_mesh, flax's own DenseGeneral init applies a
+  # 3-axis logical constraint to its 2-D flat kernel and fails, with or without quantization.
   with mesh, nn.logical_axis_rules(rules):
     shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
     v = jax.device_put(v, shardings)

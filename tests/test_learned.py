@@ -263,15 +263,19 @@ def test_specs_follow_the_protocol_and_check_their_bits():
 
 
 def test_presets_place_the_quantizers():
-  first, last, rest = mj.lsq_rules(3, 2)
+  first, last, rest, products = mj.lsq_rules(3, 2)
   assert (first.index, last.index, rest.index) == (0, -1, None)
+  # attention's activation x activation products: both operands at a_bits, sign from the first batch
+  assert products.kinds == ("attention",) and products.weight is None
+  assert products.act == mj.LsqPlusActivation(2, start="lsq")
+  assert len(mj.lsq_rules(3, 32)) == 3  # float activations: no product rule
   # the image input from its min/max, every other input LSQ's start on the grid its sign asks for
   assert first.weight == mj.LsqWeight(8) and first.act == mj.LsqPlusActivation(8, start="minmax")
   assert last.weight == mj.LsqWeight(8) and last.act == mj.LsqPlusActivation(8, start="lsq")
   assert rest.weight == mj.LsqWeight(3) and rest.act == mj.LsqPlusActivation(2, start="lsq")
   assert mj.lsq_rules(3, 2, first_last_bits=None)[1].act == mj.LsqPlusActivation(2, start="lsq")
   assert mj.lsq_rules(4, 4, plus=True)[2].act == mj.LsqPlusActivation(4, start="minmax")
-  assert all(r.fold_bn for r in mj.lsq_rules(4, 4, fold_bn=True))
+  assert all(r.fold_bn for r in mj.lsq_rules(4, 4, fold_bn=True)[:3])  # the layers with weights
   assert mj.preset("lsq", 4, 4) == mj.lsq_rules(4, 4)
   keep, pact = mj.pact_rules(2, 3)
   assert keep.keeps_float and keep.index == 0

@@ -191,9 +191,9 @@ def lsq_rules(w_bits: int = 4, a_bits: int = 4, *, first_last_bits: int | None =
   The first and the last layer are counted among the layers with weights
   (``LAYER_KINDS``) in call order."""
   def layer(wb: int, ab: int, first: bool = False, **kw) -> QuantRule:
-    act = learned.LsqPlusActivation(ab, start="minmax" if first or plus else "lsq")
-    return QuantRule(weight=_bits_or_float(wb, lambda b: learned.LsqWeight(b, per_channel)),
-                     act=None if ab == 32 else act, fold_bn=fold_bn, **kw)
+    act = _bits_or_float(ab, lambda b: learned.LsqPlusActivation(b, start="minmax" if first or plus else "lsq"))
+    return QuantRule(weight=_bits_or_float(wb, lambda b: learned.LsqWeight(b, per_channel)), act=act,
+                     fold_bn=fold_bn, **kw)
 
   edge_w, edge_a = (w_bits, a_bits) if first_last_bits is None else (first_last_bits, first_last_bits)
   products = () if a_bits == 32 else (
