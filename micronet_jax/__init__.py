@@ -29,7 +29,8 @@ from micronet_jax._src.flax.centering import center_clip_projection
 from micronet_jax._src.flax.layers import QuantConv, QuantConvTranspose, QuantDense
 from micronet_jax._src.flax.plan import BatchNormPlan, LayerPlan, ModelPlan
 from micronet_jax._src.flax.stats import ModelStats, model_stats
-from micronet_jax._src.flax.transform import QuantizedModel, quantize_model, quantize_variables, summary
+from micronet_jax._src.flax.transform import QuantizedModel, quantize_variables, summary
+from micronet_jax._src.nnx.transform import quantize_model  # Linen or NNX
 from micronet_jax._src.prune.slimming import (PrunePlan, SlimLayer, bn_sparsity, mask_variables, prune,
                                              prune_variables, select_channels)
 

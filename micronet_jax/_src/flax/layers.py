@@ -223,3 +223,26 @@ class QuantOperands:
       bias = [core.quantize_bias(seam, bias[0], self.weight_quant, core.channels_last(w, self.out_axes),
                                  self.act_quant, -1 if len(self.out_axes) > 1 else self.out_axes[0])]
     return self.inner(x, w_q, *bias, **kwargs)
+
+
+def quantize_operands(seam: Any, operands: tuple, weight_quant: Any, act_quant: Any, out_axes: tuple[int, ...],
+                      weight_role: str = "kernel") -> tuple:
+  """``QuantOperands``' rule on any seam (NNX's quantized layers call it on ``NnxSeam``):
+  ``(table,)`` -> the table quantized by ``weight_quant``; ``(x, w[, bias])`` -> the input
+  by ``act_quant`` (role ``input``), the weight per output channel on ``out_axes``, the
+  bias onto the int32 accumulator grid."""
+  if len(operands) == 1:
+    return (core.quantize_weight(seam, weight_role, weight_quant, operands[0], out_axes),)
+  x, w, *bias = operands
+  x = core.apply_quantizer(seam, INPUT_STATS, act_quant, x, None)
+  w_q = core.quantize_weight(seam, weight_role, weight_quant, w, out_axes)
+  if bias:
+    bias = [core.quantize_bias(seam, bias[0], weight_quant, core.channels_last(w, out_axes), act_quant,
+                               -1 if len(out_axes) > 1 else out_axes[0])]
+  return (x, w_q, *bias)
+
+
+def einsum_kernel_out_axes(subscripts: str, kernel_ndim: int) -> tuple[int, ...]:
+  """The output-channel axes of an einsum's kernel (as ``kernel_out_axes`` finds them
+  for ``nn.Einsum``), from its subscripts."""
+  return _einsum_out_axes(subscripts, kernel_ndim)

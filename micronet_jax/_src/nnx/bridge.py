@@ -1,10 +1,11 @@
 """What the NNX side needs to know about Flax: graph paths, swapping a node, each NNX
 layer's Linen equivalent, and an NNX model's state as Linen variables.
 
-NNX and Linen name the same layer the same way: ``nnx.Linear``/``nnx.Conv``/
-``nnx.ConvTranspose`` hold ``kernel`` and ``bias``, ``nnx.BatchNorm`` holds ``scale``,
-``bias``, ``mean`` and ``var``, exactly the names of ``nn.Dense``/``nn.Conv``/
-``nn.ConvTranspose``/``nn.BatchNorm``. So an NNX layer at graph path ('block', 0,
+NNX and Linen name the same layer the same way: ``nnx.Linear``/``nnx.LinearGeneral``/
+``nnx.Einsum``/``nnx.Conv``/``nnx.ConvTranspose`` hold ``kernel`` and ``bias`` (of the
+same shapes), ``nnx.Embed`` holds ``embedding``, ``nnx.BatchNorm`` holds ``scale``,
+``bias``, ``mean`` and ``var``, exactly the names of ``nn.Dense``/``nn.DenseGeneral``/
+``nn.Einsum``/``nn.Conv``/``nn.ConvTranspose``/``nn.Embed``/``nn.BatchNorm``. So an NNX layer at graph path ('block', 0,
 'conv') is the Linen layer at module path 'block/0/conv', and the NNX model's state is
 the Linen variables ``{'params', 'batch_stats', 'quant_stats'}`` with the same paths
 (``linen_variables``). That correspondence is the whole bridge: the plan, ``summary``,
@@ -19,6 +20,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
 
@@ -67,6 +69,8 @@ def _check(m: nnx.Module, path: str) -> None:
   if getattr(m, "preferred_element_type", None) is not None:
     raise NotImplementedError(f"{path} ({type(m).__name__}): preferred_element_type is not supported by "
                               "the quantized layers")
+  if isinstance(m, nnx.Einsum) and m.einsum_op is not jnp.einsum:
+    raise NotImplementedError(f"{path} ({type(m).__name__}): a custom einsum_op is not supported")
   # a quantized layer keeps the float layer's promote_dtype as float_promote_dtype
   promote = getattr(m, "float_promote_dtype", getattr(m, "promote_dtype", dtypes.promote_dtype))
   if promote is not dtypes.promote_dtype:
@@ -82,7 +86,18 @@ def linen_layer(m: nnx.Module, path: str = "") -> tuple[type, dict[str, Any]]:
         dtype=m.dtype, param_dtype=m.param_dtype, use_bias=m.use_bias, use_scale=m.use_scale,
         axis_name=m.axis_name, axis_index_groups=m.axis_index_groups, use_fast_variance=m.use_fast_variance)
   _check(m, path)
+  if isinstance(m, nnx.Embed):
+    return nn.Embed, dict(num_embeddings=m.num_embeddings, features=m.features, dtype=m.dtype,
+                          param_dtype=m.param_dtype)
+  if isinstance(m, nnx.Einsum):
+    return EinsumWithBias, dict(shape=tuple(m.kernel_shape), einsum_str=m.einsum_str, use_bias=m.bias is not None,
+                                bias_shape=None if m.bias_shape is None else tuple(m.bias_shape), dtype=m.dtype,
+                                param_dtype=m.param_dtype, precision=m.precision)
   fields = {k: getattr(m, k) for k in _COMMON}
+  if isinstance(m, nnx.LinearGeneral):
+    extra = {k: getattr(m, k) for k in ("dot_general", "dot_general_cls") if getattr(m, k) is not None}
+    return nn.DenseGeneral, dict(features=m.out_features, axis=m.axis, batch_dims=tuple(m.batch_axis), **extra,
+                                 **fields)
   if isinstance(m, nnx.Linear):
     if m.dot_general is not jax.lax.dot_general:
       fields["dot_general"] = m.dot_general
@@ -98,6 +113,17 @@ def linen_layer(m: nnx.Module, path: str = "") -> tuple[type, dict[str, Any]]:
                                   padding=m.padding, kernel_dilation=m.kernel_dilation, mask=m.mask,
                                   transpose_kernel=m.transpose_kernel, **fields)
   raise TypeError(f"{path}: no Linen equivalent for {type(m).__name__}")
+
+
+class EinsumWithBias(nn.Einsum):
+  """``nn.Einsum`` whose bias has the shape the NNX layer declared (``bias_shape``; None:
+  Linen's, the kernel axes the output keeps), broadcast onto the output as NNX does."""
+
+  bias_shape: tuple[int, ...] | None = None
+
+  def _get_bias_shape(self, einsum_str: str, lhs: Array, rhs: Array):
+    shape, broadcast = super()._get_bias_shape(einsum_str, lhs, rhs)
+    return (shape if self.bias_shape is None else self.bias_shape), broadcast
 
 
 # ----------------------------------------------------------------------------- variables

@@ -1,9 +1,13 @@
 """Quantized NNX layers: NNX's own layer code on operands quantized through the core.
 
-``QuantLinear``, ``QuantConv`` and ``QuantConvTranspose`` subclass ``nnx.Linear``,
-``nnx.Conv`` and ``nnx.ConvTranspose`` and are made *from* a float layer: they take its
-public attributes, its ``kernel`` and ``bias`` ``nnx.Param`` objects included, so the
-graph state keeps its paths and a float checkpoint loads unchanged. They add
+``QuantLinear``, ``QuantLinearGeneral``, ``QuantEinsum``, ``QuantEmbed``, ``QuantConv``
+and ``QuantConvTranspose`` subclass ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum``,
+``nnx.Embed``, ``nnx.Conv`` and ``nnx.ConvTranspose`` and are made *from* a float layer:
+they take its public attributes, its ``kernel``/``embedding`` and ``bias`` ``nnx.Param``
+objects included, so the graph state keeps its paths and a float checkpoint loads
+unchanged. A user subclass (``class MyLinear(nnx.Linear)``) is quantized like its base by
+a subclass of it made the same way (``quantized_type``), so its own code still runs. They
+add
 
 * the quantizer specs ``weight_quant``/``act_quant`` (static) and ``path``, the layer's
   Linen module path (what the seam reports; rules and plans key on it);
@@ -16,11 +20,14 @@ graph state keeps its paths and a float checkpoint loads unchanged. They add
 
 The forward is the float layer's own ``__call__`` (padding modes, masks, batch axes and
 dtypes are NNX's code): every NNX layer with a weight hands ``(inputs, kernel, bias)``
-to ``self.promote_dtype`` right before its matmul/conv, and in a quantized layer that is
-a method that fake-quantizes them through ``NnxSeam`` (the input by ``act_quant``, the
-kernel per output channel by ``weight_quant``, the bias onto the int32 accumulator grid)
-and then calls the float layer's ``promote_dtype`` (kept as ``float_promote_dtype``). These
-are the core functions Linen's ``QuantOperands`` calls on a ``LinenSeam``, so the two
+(``(embedding,)`` for a lookup, ``(query, embedding)`` for ``Embed.attend``) to
+``self.promote_dtype`` right before its matmul/conv, and in a quantized layer that is a
+method that fake-quantizes them through ``NnxSeam`` (the input by ``act_quant``, the
+weight per output channel by ``weight_quant``, the bias onto the int32 accumulator grid)
+and then calls the float layer's ``promote_dtype`` (kept as ``float_promote_dtype``). It
+is the rule Linen's ``QuantOperands`` applies on a ``LinenSeam`` (``quantize_operands``),
+with the same output-channel axes (every output and batch axis of a ``LinearGeneral``
+kernel, the kernel axes an ``Einsum`` keeps, the rows of an ``Embed`` table), so the two
 frameworks compute the same numbers and gradients, and no Linen code runs.
 
 BatchNorm folding: a conv that a rule folds (``fold_into``: its BatchNorm's path)
@@ -39,6 +46,7 @@ public attributes, ``nnx.data`` and ``nnx.Param``.
 from __future__ import annotations
 
 import functools
+import types
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -48,26 +56,36 @@ from flax import nnx
 from micronet_jax._src.core import seam as core
 from micronet_jax._src.core.bn_fold import BN_INIT_FLAG, BatchNormParams, folded_conv_bn
 from micronet_jax._src.core.seam import INPUT_STATS
+from micronet_jax._src.flax.layers import einsum_kernel_out_axes, quantize_operands
 from micronet_jax._src.nnx.seam import NnxSeam, QuantStats
 
 Array = jax.Array
-# Attributes that the flax layers declare data even when None (``self.bias = nnx.data(None)``):
-# copied as data so the quantized layer's graph has the float one's shape.
-_DATA_WHEN_NONE = ("bias", "scale")
+# Attributes that the flax layers declare data even when None (``self.bias = nnx.data(None)``),
+# for a module that is not a JAX pytree (``pytree=False``), whose data attributes cannot be read.
+_DATA_WHEN_NONE = ("bias", "scale", "query_ln", "key_ln", "cached_key", "cached_value", "cache_index")
 
 
-def copy_layer(new: nnx.Module, old: nnx.Module, keep_promote_dtype: bool = False) -> None:
-  """Gives ``new`` every public attribute of ``old`` (the same ``Variable`` objects).
-  Its ``promote_dtype`` is kept as ``float_promote_dtype`` (a quantized layer's
-  ``promote_dtype`` is a method) unless ``keep_promote_dtype``. Arrays, Variables and
-  modules are data, as NNX decides on assignment."""
+def data_attributes(m: nnx.Module) -> frozenset[str] | None:
+  """The names of ``m``'s data attributes (its pytree children, ``None`` ones included),
+  read through the public JAX pytree API; None when ``m`` is not a JAX pytree."""
+  leaves = jax.tree_util.tree_flatten_with_path(m, is_leaf=lambda x: x is not m)[0]
+  names = frozenset(getattr(path[0], "name", None) for path, _ in leaves if path)
+  return names or None
+
+
+def copy_layer(new: nnx.Module, old: nnx.Module, hooks: tuple[str, ...] = ("promote_dtype",)) -> None:
+  """Gives ``new`` every public attribute of ``old`` (the same ``Variable`` objects and
+  submodules), data where ``old`` has it as data (``self.bias = nnx.data(None)`` stays
+  data). An attribute named in ``hooks`` is kept as ``float_<name>``: the quantized class
+  defines that name as a method (``promote_dtype``, ``attention_fn``)."""
+  data = data_attributes(old)
   for k, v in vars(old).items():
     if k.startswith("_"):  # NNX's own bookkeeping: the new layer has its own
       continue
-    if k == "promote_dtype" and not keep_promote_dtype:
-      new.float_promote_dtype = v
-    else:
-      setattr(new, k, nnx.data(v) if v is None and k in _DATA_WHEN_NONE else v)
+    is_data = k in data if data is not None else (v is None and k in _DATA_WHEN_NONE) or nnx.is_data(v)
+    if k in hooks:
+      k = f"float_{k}"
+    setattr(new, k, nnx.data(v) if is_data else nnx.static(v))
 
 
 def add_quant_state(m: nnx.Module, params: dict | None, stats: Any, float_names: tuple[str, ...]) -> None:
@@ -146,86 +164,141 @@ def conv_with_kernel(conv: nnx.Conv, x: Array, kernel: Array) -> Array:
 # ----------------------------------------------------------------------------- layers
 
 
-class _QuantOperands:
-  """The shared part of the three quantized layers (a mixin before the nnx class)."""
-
-  def _setup(self, layer: nnx.Module, weight_quant: Any, act_quant: Any, params: dict | None, stats: Any,
-             path: str, out_axis: int, fold_into: str | None = None, fold_link: FoldLink | None = None) -> None:
-    copy_layer(self, layer)
-    self.weight_quant, self.act_quant, self.path, self.out_axis = weight_quant, act_quant, path, out_axis
-    self.fold_into, self.fold_link = fold_into, fold_link
-    self.use_running_average = False
-    add_quant_state(self, params, stats, ("kernel", "bias"))
-
-  def promote_dtype(self, operands: tuple, /, **kwargs: Any) -> tuple:
-    """``(inputs, kernel, bias)`` fake-quantized (see the module docstring), then the
-    float layer's ``promote_dtype``. A folded conv's own call is float."""
-    if self.fold_link is not None:
-      return self.float_promote_dtype(operands, **kwargs)
-    x, w, b = operands
-    seam = NnxSeam(self)
-    x = core.apply_quantizer(seam, INPUT_STATS, self.act_quant, x, None)
-    w_q = core.quantize_weight(seam, "kernel", self.weight_quant, w, (self.out_axis,))
-    b = core.quantize_bias(seam, b, self.weight_quant, w, self.act_quant, self.out_axis)
-    return self.float_promote_dtype((x, w_q, b), **kwargs)
+def weight_out_axes(m: nnx.Module) -> tuple[int, ...]:
+  """The output-channel axes of a layer's weight, as Linen's ``kernel_out_axes`` finds
+  them for the Linen equivalent (a per-channel quantizer keeps one scale per channel)."""
+  if isinstance(m, nnx.Embed):
+    return (0,)
+  if isinstance(m, nnx.ConvTranspose):
+    return (-2,) if m.transpose_kernel else (-1,)
+  if isinstance(m, nnx.LinearGeneral):
+    ndim = len(m.batch_axis) + len(m.in_features) + len(m.out_features)
+    return tuple(range(len(m.batch_axis))) + tuple(range(ndim - len(m.out_features), ndim))
+  if isinstance(m, nnx.Einsum):
+    return einsum_kernel_out_axes(m.einsum_str, len(m.kernel_shape))
+  return (-1,)
 
 
-class QuantLinear(_QuantOperands, nnx.Linear):
-  """``nnx.Linear`` with a fake-quantized input and kernel (kernel (in, out)).
+class Quantized:
+  """Marks the quantized NNX modules (``model`` holds one: it is already quantized)."""
+
+
+class QuantOperands(Quantized):
+  """The quantized layer (a mixin before the nnx class; see the module docstring).
 
   Args:
-    layer: the float ``nnx.Linear`` (its attributes and Params are taken over).
-    weight_quant: the kernel quantizer, or None.
+    layer: the float layer (its attributes and Params are taken over).
+    weight_quant: the weight quantizer, or None.
     act_quant: the input quantizer, or None.
-    params: the layer's Linen ``params`` subtree: entries other than ``kernel``/``bias``
-      become the quantizer params (None: created on the first call).
+    params: the layer's Linen ``params`` subtree: entries other than the weight and
+      ``bias`` become the quantizer params (None: created on the first call).
     stats: the layer's ``quant_stats`` subtree ``{role: stats}`` (None: created on the
       first call).
     path: the layer's module path.
   """
 
-  def __init__(self, layer: nnx.Linear, weight_quant: Any, act_quant: Any, params: dict | None = None,
+  def __init__(self, layer: nnx.Module, weight_quant: Any, act_quant: Any, params: dict | None = None,
                stats: Any = None, *, path: str = ""):
-    self._setup(layer, weight_quant, act_quant, params, stats, path, -1)
+    self._setup(layer, weight_quant, act_quant, params, stats, path)
+
+  def _setup(self, layer: nnx.Module, weight_quant: Any, act_quant: Any, params: dict | None, stats: Any,
+             path: str, fold_into: str | None = None, fold_link: FoldLink | None = None) -> None:
+    copy_layer(self, layer)
+    self.weight_quant, self.act_quant, self.path = weight_quant, act_quant, path
+    self.out_axes = weight_out_axes(layer)
+    self.weight_name = "embedding" if isinstance(layer, nnx.Embed) else "kernel"
+    self.fold_into, self.fold_link = fold_into, fold_link
+    self.use_running_average = False
+    add_quant_state(self, params, stats, (self.weight_name, "bias"))
+
+  def promote_dtype(self, operands: tuple, /, **kwargs: Any) -> tuple:
+    """The operands fake-quantized (see the module docstring), then the float layer's
+    ``promote_dtype``. A folded conv's own call is float."""
+    if self.fold_link is None:
+      operands = quantize_operands(NnxSeam(self), tuple(operands), self.weight_quant, self.act_quant,
+                                   self.out_axes, self.weight_name)
+    return self.float_promote_dtype(operands, **kwargs)
 
 
-class QuantConv(_QuantOperands, nnx.Conv):
-  """``nnx.Conv`` with a fake-quantized input and kernel (HWIO, output axis -1).
+class QuantLinear(QuantOperands, nnx.Linear):
+  """``nnx.Linear`` with a fake-quantized input and kernel (kernel (in, out)); args as
+  ``QuantOperands``."""
 
-  Args as ``QuantLinear``, and ``fold_into``/``fold_link``: the path of the BatchNorm
-  folded into this conv and the ``FoldLink`` it shares with that ``FoldedBatchNorm``
-  (None: not folded).
-  """
+
+class QuantLinearGeneral(QuantOperands, nnx.LinearGeneral):
+  """``nnx.LinearGeneral`` with a fake-quantized input and kernel (per channel: every
+  output and batch axis of the kernel)."""
+
+
+class QuantEinsum(QuantOperands, nnx.Einsum):
+  """``nnx.Einsum`` with a fake-quantized input and kernel (per channel: the kernel axes
+  the output keeps); its bias on the accumulator grid."""
+
+
+class QuantEmbed(QuantOperands, nnx.Embed):
+  """``nnx.Embed`` with a fake-quantized table (per channel: one scale per row); ``attend``
+  also quantizes its query by ``act_quant``."""
+
+
+class _FoldableConv(QuantOperands):
+  """A quantized conv that may have a BatchNorm folded into it: ``fold_into``/``fold_link``
+  are the BatchNorm's path and the ``FoldLink`` it shares with that ``FoldedBatchNorm``
+  (None: not folded)."""
 
   def __init__(self, layer: nnx.Conv, weight_quant: Any, act_quant: Any, params: dict | None = None,
                stats: Any = None, *, path: str = "", fold_into: str | None = None,
                fold_link: FoldLink | None = None):
     if (fold_into is None) != (fold_link is None):
       raise ValueError(f"{path}: fold_into and fold_link go together")
-    self._setup(layer, weight_quant, act_quant, params, stats, path, -1, fold_into, fold_link)
+    self._setup(layer, weight_quant, act_quant, params, stats, path, fold_into, fold_link)
 
-  def __call__(self, inputs: Array, out_sharding: Any = None) -> Array:
+  def __call__(self, inputs: Array, *args: Any, **kwargs: Any) -> Array:
     if self.fold_link is None:
-      return super().__call__(inputs, out_sharding)
+      return super().__call__(inputs, *args, **kwargs)
     seam = NnxSeam(self)
     x_q = core.apply_quantizer(seam, INPUT_STATS, self.act_quant, inputs, None)
-    z = super().__call__(inputs, out_sharding)  # float: the batch statistics are taken of it
+    z = super().__call__(inputs, *args, **kwargs)  # float: the batch statistics are taken of it
     self.fold_link.give(FoldInput(
         z, self.kernel.get_value(), self.bias.get_value() if self.use_bias else None,
         functools.partial(conv_with_kernel, self, x_q), core.input_scale(seam, self.act_quant)))
     return z
 
 
-class QuantConvTranspose(_QuantOperands, nnx.ConvTranspose):
+class QuantConv(_FoldableConv, nnx.Conv):
+  """``nnx.Conv`` with a fake-quantized input and kernel (HWIO, output axis -1); args as
+  ``_FoldableConv``."""
+
+
+class QuantConvTranspose(QuantOperands, nnx.ConvTranspose):
   """``nnx.ConvTranspose`` with a fake-quantized input and kernel; the kernel's output
-  axis is -1, or -2 with ``transpose_kernel=True``. Args as ``QuantLinear``."""
-
-  def __init__(self, layer: nnx.ConvTranspose, weight_quant: Any, act_quant: Any, params: dict | None = None,
-               stats: Any = None, *, path: str = ""):
-    self._setup(layer, weight_quant, act_quant, params, stats, path, -2 if layer.transpose_kernel else -1)
+  axis is -1, or -2 with ``transpose_kernel=True``."""
 
 
-class FoldedBatchNorm(nnx.BatchNorm):
+# float base -> its quantized layer (a subclass before its base: LinearGeneral is no Linear)
+QUANT_LAYERS = ((nnx.LinearGeneral, QuantLinearGeneral), (nnx.Linear, QuantLinear), (nnx.Einsum, QuantEinsum),
+                (nnx.Embed, QuantEmbed), (nnx.ConvTranspose, QuantConvTranspose), (nnx.Conv, QuantConv))
+
+
+def subclass_with(mixin: type, cls: type, made: dict) -> type:
+  """``cls`` with ``mixin`` in front (``class Quant<cls>(mixin, cls)``), made once per
+  ``made`` (a dict the caller keeps for one transform)."""
+  key = (mixin, cls)
+  if key not in made:
+    made[key] = types.new_class(f"{mixin.__name__.lstrip('_')}_{cls.__name__}", (mixin, cls),
+                                exec_body=lambda ns: ns.update(__module__=cls.__module__, __doc__=cls.__doc__))
+  return made[key]
+
+
+def quantized_type(cls: type, made: dict) -> type:
+  """The quantized layer for float layers of type ``cls``: ``QuantLinear`` for
+  ``nnx.Linear`` (and so on), a subclass of ``cls`` for a user subclass of one of them."""
+  for base, quant in QUANT_LAYERS:
+    if issubclass(cls, base):
+      return quant if cls is base else subclass_with(quant.__bases__[0], cls, made)
+  raise TypeError(f"no quantized NNX layer for {cls.__name__}")
+
+
+class FoldedBatchNorm(Quantized, nnx.BatchNorm):
   """``nnx.BatchNorm`` folded into the conv whose output it consumes (``conv_path``): it
   computes conv(Aq(x), Wq(W_fold)) + b_fold (``core.bn_fold``). The folded kernel's
   quantizer params live here, as in Linen (``kernel_<name>``), and so does the
@@ -245,7 +318,7 @@ class FoldedBatchNorm(nnx.BatchNorm):
 
   def __init__(self, bn: nnx.BatchNorm, path: str, conv_path: str, weight_quant: Any, calib: bool,
                init_from_batch: bool, params: dict | None = None, stats: Any = None):
-    copy_layer(self, bn, keep_promote_dtype=True)
+    copy_layer(self, bn, hooks=())
     self.path, self.conv_path = path, conv_path
     self.weight_quant, self.calib, self.init_from_batch = weight_quant, calib, init_from_batch
     self.fold_link = FoldLink()
@@ -275,7 +348,7 @@ class Add(nnx.Module):
     return a + b
 
 
-class QuantAdd(Add):
+class QuantAdd(Quantized, Add):
   """``Add`` with both inputs fake-quantized on the union of their ranges
   (``core.seam.shared_scale_add``, as Linen's ``ops.Add``); statistics in ``quant_stats``
   (``input``, ``input_a``, ``input_b``).
