@@ -241,3 +241,24 @@ def shared_scale_add(seam: Seam, q: Any, a: Array, b: Array, create_inputs: bool
   a_q, _ = q.fake_quant(a, state, update=False)
   b_q, _ = q.fake_quant(b, state, update=False)
   return a_q + b_q
+
+
+def quantize_operands(seam: Seam, operands: tuple, weight_quant: Any, act_quant: Any, out_axes: tuple[int, ...],
+                      weight_role: str = "kernel") -> tuple:
+  """The operands a layer with a weight hands its ``promote_dtype``, quantized: the rule
+  both adapters apply (Linen's ``QuantOperands``, NNX's quantized layers).
+
+  ``(table,)`` (an embedding lookup) -> the table by ``weight_quant``; ``(x, w)`` or
+  ``(x, w, bias)`` -> the input by ``act_quant`` (role ``input``), the weight by
+  ``weight_quant`` (role ``weight_role``) per output channel on ``out_axes``, the bias
+  onto the int32 accumulator grid (``quantize_bias``).
+  """
+  if len(operands) == 1:
+    return (quantize_weight(seam, weight_role, weight_quant, operands[0], out_axes),)
+  x, w, *bias = operands
+  x = apply_quantizer(seam, INPUT_STATS, act_quant, x, None)
+  w_q = quantize_weight(seam, weight_role, weight_quant, w, out_axes)
+  if bias:
+    bias = [quantize_bias(seam, bias[0], weight_quant, channels_last(w, out_axes), act_quant,
+                          -1 if len(out_axes) > 1 else out_axes[0])]
+  return (x, w_q, *bias)

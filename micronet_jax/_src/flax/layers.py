@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from micronet_jax._src.core import seam as core
-from micronet_jax._src.core.seam import INPUT_STATS, accumulator_scale  # noqa: F401  (used by bn_fold)
+from micronet_jax._src.core.seam import INPUT_STATS, accumulator_scale, quantize_operands  # noqa: F401  (re-exported)
 from micronet_jax._src.flax.seam import LinenSeam
 
 Array = jax.Array
@@ -156,7 +156,7 @@ def with_products(module: nn.MultiHeadDotProductAttention) -> nn.Module:
                          "attn_weights_value_einsum_cls": pv}, **rebind(module))
 
 
-def _einsum_out_axes(subscripts: str, kernel_ndim: int) -> tuple[int, ...]:
+def einsum_kernel_out_axes(subscripts: str, kernel_ndim: int) -> tuple[int, ...]:
   """Kernel axes of an ``nn.Einsum`` that reach the output (its output channels, and
   any batch axis it shares with the input)."""
   inputs, out = subscripts.replace(" ", "").split("->")
@@ -182,7 +182,7 @@ def kernel_out_axes(module: nn.Module, kernel_ndim: int, call_args: tuple = (), 
   if isinstance(module, nn.Einsum):
     kwargs = call_kwargs or {}
     subscripts = kwargs.get("einsum_str", call_args[1] if len(call_args) > 1 else None) or module.einsum_str
-    return _einsum_out_axes(subscripts, kernel_ndim)
+    return einsum_kernel_out_axes(subscripts, kernel_ndim)
   return (-1,)
 
 
@@ -211,38 +211,6 @@ class QuantOperands:
     return module
 
   def __call__(self, *operands: Any, **kwargs: Any) -> Any:
-    seam = LinenSeam(self.module)
-    if len(operands) == 1:  # an embedding lookup: the table only
-      (table,) = operands
-      return self.inner(core.quantize_weight(seam, self.weight_role, self.weight_quant, table, self.out_axes),
-                        **kwargs)
-    x, w, *bias = operands
-    x = core.apply_quantizer(seam, INPUT_STATS, self.act_quant, x, None)
-    w_q = core.quantize_weight(seam, self.weight_role, self.weight_quant, w, self.out_axes)
-    if bias:
-      bias = [core.quantize_bias(seam, bias[0], self.weight_quant, core.channels_last(w, self.out_axes),
-                                 self.act_quant, -1 if len(self.out_axes) > 1 else self.out_axes[0])]
-    return self.inner(x, w_q, *bias, **kwargs)
+    return self.inner(*core.quantize_operands(LinenSeam(self.module), operands, self.weight_quant, self.act_quant,
+                                              self.out_axes, self.weight_role), **kwargs)
 
-
-def quantize_operands(seam: Any, operands: tuple, weight_quant: Any, act_quant: Any, out_axes: tuple[int, ...],
-                      weight_role: str = "kernel") -> tuple:
-  """``QuantOperands``' rule on any seam (NNX's quantized layers call it on ``NnxSeam``):
-  ``(table,)`` -> the table quantized by ``weight_quant``; ``(x, w[, bias])`` -> the input
-  by ``act_quant`` (role ``input``), the weight per output channel on ``out_axes``, the
-  bias onto the int32 accumulator grid."""
-  if len(operands) == 1:
-    return (core.quantize_weight(seam, weight_role, weight_quant, operands[0], out_axes),)
-  x, w, *bias = operands
-  x = core.apply_quantizer(seam, INPUT_STATS, act_quant, x, None)
-  w_q = core.quantize_weight(seam, weight_role, weight_quant, w, out_axes)
-  if bias:
-    bias = [core.quantize_bias(seam, bias[0], weight_quant, core.channels_last(w, out_axes), act_quant,
-                               -1 if len(out_axes) > 1 else out_axes[0])]
-  return (x, w_q, *bias)
-
-
-def einsum_kernel_out_axes(subscripts: str, kernel_ndim: int) -> tuple[int, ...]:
-  """The output-channel axes of an einsum's kernel (as ``kernel_out_axes`` finds them
-  for ``nn.Einsum``), from its subscripts."""
-  return _einsum_out_axes(subscripts, kernel_ndim)
