@@ -59,8 +59,9 @@ def _linen(model: nnx.Module) -> QuantizedModel:
 
 
 def quantize(model: nnx.Module, rules: Sequence[QuantRule], *args: Any, **kwargs: Any) -> nnx.Module:
-  """A quantized copy of ``model``: see the module docstring. ``args``/``kwargs`` are
-  example inputs of ``model(...)`` (a batch; the plan is keyed on their shapes)."""
+  """A quantized copy of ``model``: see the module docstring. ``args``/``kwargs`` are an
+  example call ``model(*args, **kwargs)`` (a batch; keyword arguments and ``rngs`` reach
+  the model unchanged; the plan is keyed on their shapes)."""
   if not isinstance(model, nnx.Module):
     raise TypeError(f"micronet_jax.nnx.quantize expects an nnx.Module, got {type(model).__name__}")
   rules = tuple(rules)
