@@ -56,7 +56,7 @@ from flax import nnx
 from micronet_jax._src.core import seam as core
 from micronet_jax._src.core.bn_fold import BN_INIT_FLAG, BatchNormParams, folded_conv_bn
 from micronet_jax._src.core.seam import INPUT_STATS
-from micronet_jax._src.flax.layers import einsum_kernel_out_axes, quantize_operands
+from micronet_jax._src.flax.layers import einsum_kernel_out_axes
 from micronet_jax._src.nnx.seam import NnxSeam, QuantStats
 
 Array = jax.Array
@@ -215,8 +215,8 @@ class QuantOperands(Quantized):
     """The operands fake-quantized (see the module docstring), then the float layer's
     ``promote_dtype``. A folded conv's own call is float."""
     if self.fold_link is None:
-      operands = quantize_operands(NnxSeam(self), tuple(operands), self.weight_quant, self.act_quant,
-                                   self.out_axes, self.weight_name)
+      operands = core.quantize_operands(NnxSeam(self), tuple(operands), self.weight_quant, self.act_quant,
+                                        self.out_axes, self.weight_name)
     return self.float_promote_dtype(operands, **kwargs)
 
 
