@@ -115,3 +115,49 @@ def init_variables(model, x, seed: int = 0) -> dict:
     return jnp.full(sd.shape, 1.0 if name in ("scale", "var") else 0.0, sd.dtype)
 
   return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(lambda: model.init(jax.random.key(0), x)))
+
+
+# Long end-to-end runs whose code paths the fast suite already covers with smaller
+# models: marked "slow", left out of the README's test command (`addopts` in
+# pyproject.toml) and run by .ci/run as a second step (`python -m pytest -q -m slow`).
+SLOW = (
+    "test_data_parallel.py::",  # an 8-device child process (1 vs 8 devices); 70 s
+    "test_table.py::",  # the whole compression table on a few hundred images; 45 s
+    "test_resume.py::test_ctrl_c_in_a_real_process",  # real-process resume, as the SIGTERM test does
+    "test_reliability_rundirs.py::test_sigkill_during_an_overwrite",
+    "test_convert_ops.py::test_nin_gc_group_convs_and_channel_shuffles",  # grouped convs: 20x slow on XLA:CPU
+    "test_convert_ops.py::test_concat_of_branches_with_different_scales",
+    "test_pipeline_cli.py::test_prune_pipeline",  # prune is covered by test_prune
+    "test_pipeline_cli.py::test_binary_convert_eval[nin",
+    # and test_convert.py's NIN agreement network (``[nin]``): LeNet and ResNet stay
+    "test_nnx.py::test_nnx_and_linen_agree_exactly[lenet-dorefa]",  # the other families cover it
+    "test_nnx.py::test_nnx_and_linen_agree_exactly[resnet-dorefa]",
+    "test_learned.py::test_cli_trains_with_learned_quantizers",  # the CLI on learned quantizers; test_cli covers it
+    "test_any_model_nnx.py::test_ptq_calibration",  # NNX calibration: test_nnx and the Linen zoo cover it
+    "test_any_model.py::test_ptq_calibration_moves_only_the_observers[resnet",  # the ViT's and LM's stay
+    "test_any_model.py::test_ptq_calibration_moves_only_the_observers[mobilenet",
+    "test_train.py::test_short_real_run_learns",  # real-data training: test_learned's LSQ run stays
+    "test_nnx.py::test_nnx_and_linen_agree_exactly[lenet-iao]",  # resnet-iao-fold and test_nnx_kinds cover it
+    "test_nnx.py::test_nnx_and_linen_agree_exactly[lenet-binary]",  # resnet-binary stays
+    "test_convert_format_cli.py::test_cli_convert_format_onnx",  # test_onnx_export covers the graph
+)
+
+
+def _slow_nnx_qat(name: str) -> bool:
+  """The NNX zoo's QAT step under IAO (LSQ's, with its every-step-learns check, stays)."""
+  return name.startswith("test_any_model_nnx.py::test_a_jitted_qat_step") and "iao" in name
+
+
+def _is_slow(nodeid: str) -> bool:
+  name = nodeid.split("/")[-1]
+  if name.startswith("test_convert.py::"):
+    return name.endswith("[nin]")
+  if name.startswith("test_any_model_nnx.py::test_a_jitted_qat_step"):
+    return _slow_nnx_qat(name)
+  return name.startswith(SLOW)
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if _is_slow(item.nodeid):
+      item.add_marker(pytest.mark.slow)

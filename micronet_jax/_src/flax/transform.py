@@ -168,7 +168,8 @@ class QuantizedModel:
       # A rule for kinds the model does not have (a preset's attention rule on a CNN) is
       # not a mistake worth a warning; summary still lists it.
       for i in (i for i in plan.unmatched_rules if kinds & set(self.rules[i].kinds)) if warn else ():
-        warnings.warn(f"quantization rule {i} {self.rules[i]} matched no layer of {type(self.model).__name__}; "
+        warnings.warn(f"quantization rule {i} {self.rules[i]} matched no layer of "
+                      f"{getattr(self.model, 'nnx_model_name', type(self.model).__name__)}; "
                       f"layers: {[p.path for p in plan]}", stacklevel=4)
     return plan
 

@@ -133,6 +133,7 @@ class LinenTwin(nn.Module):
   graphdef: Any
   rest: _Box
   paths: tuple[str, ...]
+  nnx_model_name: str = "LinenTwin"  # the NNX model's class name, for messages
 
   @nn.compact
   def __call__(self, *args, nnx_rest: tuple = (), nnx_kwargs: dict | None = None, batch_norm_train: bool = False):
@@ -182,7 +183,7 @@ def twin(model: nnx.Module) -> LinenTwin:
     for p in paths:
       set_node(copy, p, stand_in)
   graphdef, rest = nnx.split(copy)
-  return LinenTwin(graphdef, _Box(rest), tuple(sorted(answered_nodes)))
+  return LinenTwin(graphdef, _Box(rest), tuple(sorted(answered_nodes)), type(model).__name__)
 
 
 def twin_variables(model: nnx.Module, tw: LinenTwin) -> dict:
