@@ -139,7 +139,9 @@ SLOW = (
     "test_train.py::test_short_real_run_learns",  # real-data training: test_learned's LSQ run stays
     "test_nnx.py::test_nnx_and_linen_agree_exactly[lenet-iao]",  # resnet-iao-fold and test_nnx_kinds cover it
     "test_nnx.py::test_nnx_and_linen_agree_exactly[lenet-binary]",  # resnet-binary stays
-    "test_convert_format_cli.py::test_cli_convert_format_onnx",  # test_onnx_export covers the graph
+    "test_convert_format_cli.py::test_cli_convert_format_onnx",
+    "test_nnx.py::test_nnx_and_linen_agree_exactly[resnet-binary]",  # lenet/resnet binary: test_binary covers it
+    "test_transform.py::test_param_tree_is_the_float_models",  # test_any_model* check it on every zoo model  # test_onnx_export covers the graph
     "test_convert_ops.py::test_residual_add_shares_the_union_range",  # test_onnx_export's resnet_add covers it
     "test_nnx.py::test_qat_with_nnx_jit_and_with_split_merge_jax_jit_agree",
     "test_nnx_kinds.py::test_nnx_layer_kinds_match_linen_values_gradients_and_statistics[linear_general-iao]",

@@ -44,9 +44,7 @@ class LinenSeam:
     return self.module.scope.param(name, lambda _rng: init())
 
   def stat(self, name: str, init: Callable[[], Any]) -> core.StatRef:
-    if not self.module.has_variable(STATS, name):
-      self.module.scope.variable(STATS, name, init)
-    return _LinenStat(self.module, name)
+    return _get_or_create(self.module, STATS, name, init)
 
   @property
   def stats_move(self) -> bool:
@@ -55,43 +53,30 @@ class LinenSeam:
   def running(self, name: str, init: Callable[[], Array]) -> core.StatRef:
     """A BatchNorm's running statistic ``batch_stats/<path>/<name>``, got or created: the
     extension of the contract that BatchNorm folding needs (``core.bn_fold.BatchNormSeam``)."""
-    if not self.module.has_variable(BATCH_STATS, name):
-      self.module.scope.variable(BATCH_STATS, name, init)
-    return _LinenRunning(self.module, name)
+    return _get_or_create(self.module, BATCH_STATS, name, init)
 
 
-class _LinenStat:
-  """A ``quant_stats`` variable of a bound module, read and written by name."""
+class _LinenVariable:
+  """A variable of a bound module's ``collection``, read and written by name."""
 
-  __slots__ = ("module", "name")
+  __slots__ = ("module", "collection", "name")
 
-  def __init__(self, module: nn.Module, name: str):
-    self.module, self.name = module, name
+  def __init__(self, module: nn.Module, collection: str, name: str):
+    self.module, self.collection, self.name = module, collection, name
 
   @property
   def value(self) -> Any:
-    return self.module.get_variable(STATS, self.name)
+    return self.module.get_variable(self.collection, self.name)
 
   @value.setter
   def value(self, v: Any) -> None:
-    self.module.put_variable(STATS, self.name, v)
+    self.module.put_variable(self.collection, self.name, v)
 
 
-class _LinenRunning:
-  """A ``batch_stats`` variable of a bound module, read and written by name."""
-
-  __slots__ = ("module", "name")
-
-  def __init__(self, module: nn.Module, name: str):
-    self.module, self.name = module, name
-
-  @property
-  def value(self) -> Any:
-    return self.module.get_variable(BATCH_STATS, self.name)
-
-  @value.setter
-  def value(self, v: Any) -> None:
-    self.module.put_variable(BATCH_STATS, self.name, v)
+def _get_or_create(module: nn.Module, collection: str, name: str, init: Callable[[], Any]) -> _LinenVariable:
+  if not module.has_variable(collection, name):
+    module.scope.variable(collection, name, init)
+  return _LinenVariable(module, collection, name)
 
 
 def module_path(module: nn.Module) -> str:
